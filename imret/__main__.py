@@ -1,0 +1,5 @@
+import sys
+
+from imret.cli import main
+
+sys.exit(main())

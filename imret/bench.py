@@ -1,0 +1,132 @@
+"""`imret bench`: throughput of imret's hot paths as a ratio against a plain baseline measured in the same run.
+
+loader: the embedded data, upscaled to photo size (`source_size`, as real datasets come), read for one epoch
+        by a plain map-style Dataset that opens and resizes each image file and mask with PIL, against
+        imret's streaming loader over shards built from the same files with --max-side near the training
+        size; same workers and batch size. Also the device augmentation on this machine's device.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+BATCH = 64
+
+
+def machine() -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {device}"
+
+
+class PlainFolder(Dataset):
+    """The baseline: what a first training script does, one PIL open + resize per file."""
+
+    def __init__(self, root: Path, size: int):
+        self.images = sorted((root / "images").iterdir())
+        self.masks = root / "masks"
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        path = self.images[index]
+        image = Image.open(path).convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR)
+        mask = Image.open(self.masks / f"{path.stem}.png").resize((self.size, self.size), Image.Resampling.NEAREST)
+        return {"image": torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1),
+                "mask": torch.from_numpy(np.asarray(mask).copy())[None]}  # fmt: skip
+
+
+def _images_per_second(batches: Callable[[], Any]) -> tuple[float, int]:
+    start, count = time.perf_counter(), 0
+    for batch in batches():
+        count += batch["image"].shape[0]
+    return count / (time.perf_counter() - start), count
+
+
+def _upscaled_copy(src: Path, dst: Path, side: int) -> Path:
+    (dst / "images").mkdir(parents=True)
+    (dst / "masks").mkdir()
+    for path in (src / "images").iterdir():
+        Image.open(path).resize((side, side), Image.Resampling.BICUBIC).save(dst / "images" / path.name, quality=90)
+    for path in (src / "masks").iterdir():
+        Image.open(path).resize((side, side), Image.Resampling.NEAREST).save(dst / "masks" / path.name)
+    for name in ("labels.csv", "classes.txt"):
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
+def bench_loader(images: int, size: int, workers: int, source_size: int = 384) -> dict[str, Any]:
+    from imret.config import AugmentConfig
+    from imret.data.augment import DeviceAugment
+    from imret.data.build import build_shards
+    from imret.data.shards import make_loader
+    from imret.data.synth import write_synth
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = _upscaled_copy(write_synth(Path(tmp) / "synth", images=images, size=96, seed=0),
+                              Path(tmp) / "photos", source_size)  # fmt: skip
+        shards = Path(tmp) / "shards"
+        per_shard = max(1, images // max(8, 2 * workers))
+        start = time.perf_counter()
+        build_shards(data, "folder", shards, val_fraction=0.0, samples_per_shard=per_shard, workers=workers,
+                     max_side=size)  # fmt: skip
+        build_seconds = time.perf_counter() - start
+        plain = DataLoader(PlainFolder(data, size), batch_size=BATCH, shuffle=True, num_workers=workers,
+                           drop_last=True, prefetch_factor=4 if workers else None)  # fmt: skip
+        loader = make_loader(shards, "train", batch_size=BATCH, size=size, training=True, workers=workers,
+                             shuffle_buffer=1000, with_masks=True)  # fmt: skip
+        _images_per_second(lambda: islice_batches(loader, 3))  # warm the page cache for both
+        _images_per_second(lambda: islice_batches(plain, 3))
+        plain_rate, _ = _images_per_second(lambda: plain)
+        imret_rate, seen = _images_per_second(lambda: loader)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    augment = DeviceAugment(AugmentConfig(crop="random_resized", hflip=True), size, size, training=True).to(device)
+    batch = torch.randint(0, 256, (BATCH, 3, size, size), dtype=torch.uint8, device=device)
+    masks = torch.randint(0, 2, (BATCH, 1, size, size), dtype=torch.uint8, device=device)
+    augment(batch, masks)
+    start = time.perf_counter()
+    for _ in range(10):
+        augment(batch, masks)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    augment_rate = 10 * BATCH / (time.perf_counter() - start)
+    return {
+        "bench": "loader", "date": date.today().isoformat(), "machine": machine(), "images": seen,
+        "source_size": source_size, "size": size, "workers": workers, "batch": BATCH,
+        "build_seconds": round(build_seconds, 1),
+        "plain_images_per_s": round(plain_rate, 1), "imret_images_per_s": round(imret_rate, 1),
+        "imret_images_per_s_per_worker": round(imret_rate / max(1, workers), 1),
+        "speedup_vs_plain": round(imret_rate / plain_rate, 2),
+        "augment_device": device, "augment_images_per_s": round(augment_rate, 1),
+    }  # fmt: skip
+
+
+def islice_batches(loader: Any, count: int):
+    for index, batch in enumerate(loader):
+        if index == count:
+            return
+        yield batch
+
+
+BENCHES = {"loader": bench_loader}
+
+
+def run(what: str, **kwargs: Any) -> dict[str, Any]:
+    return BENCHES[what](**kwargs)
+
+
+def format_result(result: dict[str, Any]) -> str:
+    return "\n".join(f"{key:32s} {value}" for key, value in result.items())

@@ -1,0 +1,134 @@
+"""`imret` command line: each subcommand parses its arguments and calls one function.
+
+Imports happen inside the commands, so `imret --help` is instant and the shard builder's worker processes
+are forked before torch is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from imret.errors import ImretError
+
+
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    from imret.data.synth import write_synth
+
+    out = write_synth(args.out, images=args.images, size=args.size, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote {args.images} images of {args.size} px to {out}")
+
+
+def cmd_shards_build(args: argparse.Namespace) -> None:
+    from imret.data.build import build_shards
+
+    manifest = build_shards(args.src, args.format, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                            samples_per_shard=args.samples_per_shard, max_side=args.max_side,
+                            workers=args.workers, overwrite=args.overwrite, strict=args.strict,
+                            require_masks=args.require_masks)  # fmt: skip
+    splits = manifest["splits"]
+    print(f"{args.out}: {splits['train']['samples']} train and {splits['val']['samples']} val samples in "
+          f"{len(splits['train']['shards']) + len(splits['val']['shards'])} shards; "
+          f"{len(manifest['rejected'])} rejected")  # fmt: skip
+    for reject in manifest["rejected"][:20]:
+        print(f"  rejected {reject['source']}: {reject['reason']}")
+    if len(manifest["rejected"]) > 20:
+        print(f"  ... {len(manifest['rejected']) - 20} more in {args.out}/manifest.json")
+
+
+def cmd_shards_verify(args: argparse.Namespace) -> int:
+    from imret.data.build import verify_shards
+
+    problems = verify_shards(args.dir)
+    for problem in problems:
+        print(f"MISMATCH {problem}")
+    print(f"{args.dir}: {'ok' if not problems else f'{len(problems)} shard(s) differ from the manifest'}")
+    return 1 if problems else 0
+
+
+def cmd_shards_info(args: argparse.Namespace) -> None:
+    from imret.data.build import describe_shards
+
+    print(describe_shards(args.dir))
+
+
+def cmd_recipe_show(args: argparse.Namespace) -> None:
+    from imret.config import load_recipe, recipe_to_yaml
+
+    print(recipe_to_yaml(load_recipe(args.recipe, args.set)), end="")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from imret import bench
+
+    result = bench.run(args.what, images=args.images, size=args.size, workers=args.workers)
+    print(json.dumps(result, indent=1) if args.json else bench.format_result(result))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imret", description="Train and compare apparel image-retrieval models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = commands.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
+    synth = data.add_parser("synth", help="write the embedded synthetic apparel dataset (folder layout)")
+    synth.add_argument("out", metavar="OUT")
+    synth.add_argument("--images", type=int, default=2000)
+    synth.add_argument("--size", type=int, default=96, help="image side in pixels")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    synth.set_defaults(func=cmd_data_synth)
+
+    shards = commands.add_parser("shards", help="WebDataset shards").add_subparsers(dest="action", required=True)
+    build = shards.add_parser("build", help="turn a dataset into shards + manifest.json")
+    build.add_argument("src", metavar="SRC")
+    build.add_argument("--format", required=True, choices=["folder", "imaterialist", "ccp"])
+    build.add_argument("--out", required=True, metavar="DIR")
+    build.add_argument("--val-fraction", type=float, default=0.1)
+    build.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    build.add_argument("--samples-per-shard", type=int, default=1000)
+    build.add_argument("--max-side", type=int, default=None, metavar="PX", help="downscale larger images")
+    build.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    build.add_argument("--overwrite", action="store_true", help="replace a finished build in DIR")
+    build.add_argument("--strict", action="store_true", help="fail, writing no manifest, if any sample is rejected")
+    build.add_argument("--require-masks", action="store_true", help="reject samples that have no mask")
+    build.set_defaults(func=cmd_shards_build)
+    verify = shards.add_parser("verify", help="re-hash every shard against the manifest")
+    verify.add_argument("dir", metavar="DIR")
+    verify.set_defaults(func=cmd_shards_verify)
+    info = shards.add_parser("info", help="summarise a shard build")
+    info.add_argument("dir", metavar="DIR")
+    info.set_defaults(func=cmd_shards_info)
+
+    recipe = commands.add_parser("recipe", help="recipes").add_subparsers(dest="action", required=True)
+    show = recipe.add_parser("show", help="print the fully resolved recipe")
+    show.add_argument("recipe", metavar="RECIPE")
+    show.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    show.set_defaults(func=cmd_recipe_show)
+
+    bench = commands.add_parser("bench", help="measure throughput against a plain baseline")
+    bench.add_argument("what", choices=["loader"])
+    bench.add_argument("--images", type=int, default=2000)
+    bench.add_argument("--size", type=int, default=96, help="side of the images the loader yields")
+    bench.add_argument("--workers", type=int, default=2)
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ImretError as exc:
+        print(f"imret: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("imret: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""Recipes: a typed schema, strict YAML loading and `--set section.key=value` overrides.
+
+A recipe states only what differs from the defaults below. Loading refuses, with one line, anything that
+could make a run silently different from what its author meant: unknown or duplicate keys, wrong types
+(PyYAML reads `3e-4` as a string), values out of range and conflicting settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from imret.errors import RecipeError
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
+    return {"range": (lo, hi, lo_open, hi_open)}
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    dir: str = "runs"  # the run directory is <dir>/<name>
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards/synth"
+    image_size: int = field(default=224, metadata=_range(16, 4096))  # what the network sees
+    load_size: int | None = field(default=None, metadata=_range(16, 4096))  # CPU-side size; None = image_size
+    batch_size_per_device: int = field(default=128, metadata=_range(1))
+    workers: int = field(default=4, metadata=_range(0, 64))
+    shuffle_buffer: int = field(default=1000, metadata=_range(0))
+    max_bad_fraction: float = field(default=0.001, metadata=_range(0.0, 1.0, hi_open=True))
+    zero_background: bool = False  # multiply images by their true mask (the study's masked variant)
+
+
+@dataclass
+class AugmentConfig:
+    crop: Literal["none", "random", "random_resized"] = "none"
+    crop_scale_min: float = field(default=0.35, metadata=_range(0.0, 1.0, lo_open=True))
+    hflip: bool = False
+    color_jitter: float = field(default=0.0, metadata=_range(0.0, 1.0))
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    init: Literal["scratch", "imagenet", "run"] = "scratch"
+    weights: str | None = None  # a local ImageNet weights file, or the run directory for init: run
+    embedding_dim: int = field(default=128, metadata=_range(2, 8192))  # triplet head
+
+
+@dataclass
+class TaskConfig:
+    name: Literal["multilabel", "triplet", "rotation", "segmentation"] = "multilabel"
+    # triplet: a pair is positive above this label IoU, negative at or below the other
+    positive_min_iou: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
+    negative_max_iou: float = field(default=0.0, metadata=_range(0.0, 1.0, hi_open=True))
+    mining: Literal["batch_hard", "semi_hard"] = "batch_hard"
+    margin_start: float = field(default=0.1, metadata=_range(0.0, lo_open=True))
+    margin_end: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    margin_epochs: int = field(default=10, metadata=_range(1))
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(default=3.0e-4, metadata=_range(0.0, 10.0, lo_open=True))
+    weight_decay: float = field(default=0.0, metadata=_range(0.0))
+    plateau_factor: float = field(default=0.1, metadata=_range(0.0, 1.0, lo_open=True, hi_open=True))
+    plateau_patience: int = field(default=2, metadata=_range(0))
+
+
+@dataclass
+class TrainConfig:
+    max_epochs: int = field(default=50, metadata=_range(1))
+    steps_per_epoch: int | None = field(default=None, metadata=_range(1))  # None: a full pass over the shards
+    grad_accum_steps: int = field(default=1, metadata=_range(1))
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # auto: the launch config decides
+    compile: bool = False
+    early_stop_patience: int = field(default=5, metadata=_range(1))
+    early_stop_min_delta: float = field(default=0.0, metadata=_range(0.0))
+    max_nonfinite_steps: int = field(default=5, metadata=_range(1))  # in a row, then all ranks stop
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = field(default=0, metadata=_range(0))  # 0: once per epoch only
+    keep: int = field(default=2, metadata=_range(2))
+
+
+@dataclass
+class LogConfig:
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: WANDB_MODE, else by API key
+    wandb_project: str = "imret"
+    every_n_steps: int = field(default=20, metadata=_range(1))
+
+
+@dataclass
+class Recipe:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def load_size(self) -> int:
+        return self.data.load_size or self.data.image_size
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.name
+
+
+# ---------------------------------------------------------------- YAML that rejects duplicate keys
+
+
+class _StrictLoader(yaml.SafeLoader):
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise RecipeError(f"duplicate key '{key}' on line {line} (first on line {seen[key]})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"not valid YAML: {' '.join(str(exc).split())}") from None
+
+
+# ---------------------------------------------------------------- typed conversion
+
+
+def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_value(where: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [opt for opt in options if opt is not type(None)]
+        return _check_value(where, value, inner)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            listed = ", ".join(map(str, choices))
+            raise RecipeError(f"{where}: '{value}' is not one of {listed}{_did_you_mean(value, choices)}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str) and _parses_as_float(value):
+            raise RecipeError(
+                f"{where}: expected a number, got the string {value!r} "
+                f"(YAML reads exponents without a dot as text: write {_yaml_float(value)})"
+            )
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported field type {hint!r} at {where}")
+
+
+def _parses_as_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _yaml_float(text: str) -> str:
+    mantissa, _, exponent = text.lower().partition("e")
+    if "." not in mantissa:
+        mantissa += ".0"
+    return f"{mantissa}e{exponent}" if exponent else mantissa
+
+
+def _check_range(where: str, value: Any, spec: dict) -> None:
+    if value is None or "range" not in spec:
+        return
+    lo, hi, lo_open, hi_open = spec["range"]
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise RecipeError(f"{where}: must be {'>' if lo_open else '>='} {lo}, got {value}")
+    if hi is not None and (value >= hi if hi_open else value > hi):
+        raise RecipeError(f"{where}: must be {'<' if hi_open else '<='} {hi}, got {value}")
+
+
+def _fields(section_cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(section_cls)}
+
+
+def _hints(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def _set_field(recipe: Recipe, section: str, key: str, value: Any, *, from_text: bool = False) -> None:
+    sections = _fields(Recipe)
+    if section not in sections:
+        raise RecipeError(f"unknown section '{section}'{_did_you_mean(section, sections)}")
+    section_obj = getattr(recipe, section)
+    fields = _fields(type(section_obj))
+    if key not in fields:
+        raise RecipeError(f"unknown key '{section}.{key}'{_did_you_mean(key, fields)}")
+    where = f"{section}.{key}"
+    hint = _hints(type(section_obj))[key]
+    if from_text:
+        value = _from_text(where, value, hint)
+    value = _check_value(where, value, hint)
+    _check_range(where, value, fields[key].metadata)
+    setattr(section_obj, key, value)
+
+
+def _from_text(where: str, text: str, hint: Any) -> Any:
+    """A command-line value is text, not YAML: convert it by the field's type (so 3e-4 is a float)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if text.lower() in ("null", "none", "~"):
+            return None
+        (hint,) = [opt for opt in typing.get_args(hint) if opt is not type(None)]
+    if hint is bool:
+        lowered = text.lower()
+        if lowered in ("true", "yes", "1", "on"):
+            return True
+        if lowered in ("false", "no", "0", "off"):
+            return False
+        raise RecipeError(f"{where}: expected true or false, got {text!r}")
+    if hint in (int, float):
+        try:
+            return hint(text)
+        except ValueError:
+            kind = "an integer" if hint is int else "a number"
+            raise RecipeError(f"{where}: expected {kind}, got {text!r}") from None
+    return text
+
+
+# ---------------------------------------------------------------- loading
+
+
+def recipe_from_dict(data: Any) -> Recipe:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe is a mapping of sections (run, data, augment, ...)")
+    recipe = Recipe()
+    for section, values in data.items():
+        if section not in _fields(Recipe):
+            raise RecipeError(f"unknown section '{section}'{_did_you_mean(section, _fields(Recipe))}")
+        if not isinstance(values, dict):
+            raise RecipeError(f"section '{section}' must be a mapping of keys, got {values!r}")
+        for key, value in values.items():
+            _set_field(recipe, section, str(key), value)
+    return recipe
+
+
+def apply_overrides(recipe: Recipe, overrides: typing.Sequence[str]) -> Recipe:
+    for item in overrides:
+        name, sep, text = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot or not key:
+            raise RecipeError(f"--set {item!r}: expected section.key=value, e.g. optim.lr=3e-4")
+        _set_field(recipe, section, key, text.strip(), from_text=True)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
+    try:
+        recipe = recipe_from_dict(parse_yaml(text))
+        apply_overrides(recipe, overrides)
+        check_consistency(recipe)
+    except RecipeError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
+    return recipe
+
+
+def check_consistency(recipe: Recipe) -> None:
+    """Settings that are each valid but contradict one another."""
+    data, task = recipe.data, recipe.task
+    if recipe.load_size < data.image_size:
+        raise RecipeError(f"data.load_size ({data.load_size}) is smaller than data.image_size ({data.image_size})")
+    if recipe.augment.crop == "random" and recipe.load_size == data.image_size:
+        raise RecipeError("augment.crop: random crops nothing when data.load_size equals data.image_size")
+    if task.negative_max_iou >= task.positive_min_iou:
+        raise RecipeError(
+            f"task.negative_max_iou ({task.negative_max_iou}) must be below "
+            f"task.positive_min_iou ({task.positive_min_iou})"
+        )
+    if task.margin_end < task.margin_start:
+        raise RecipeError(f"task.margin_end ({task.margin_end}) is below task.margin_start ({task.margin_start})")
+    if recipe.model.init == "run" and not recipe.model.weights:
+        raise RecipeError("model.init: run needs model.weights set to the run directory to start from")
+
+
+def check_against_shards(recipe: Recipe, has_masks: bool, shards: str) -> None:
+    """Checked when the shards are opened: what the recipe asks of the data must be in it."""
+    if has_masks:
+        return
+    if recipe.task.name == "segmentation":
+        raise RecipeError(f"task.name: segmentation needs masks, and the shards in {shards} have none")
+    if recipe.data.zero_background:
+        raise RecipeError(f"data.zero_background needs masks, and the shards in {shards} have none")
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
