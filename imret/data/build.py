@@ -1,0 +1,326 @@
+"""`imret shards build|verify|info`: a source dataset becomes WebDataset tar shards and a manifest.
+
+Every image is decoded here, once, so training never meets a file it cannot read: what fails is listed in
+the manifest's `rejected` with its reason and the rest of the build goes on. Shards are written to a
+temporary name and renamed when complete; `manifest.json` is written last, so a directory without one is
+never taken for a finished build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from imret.data.manifest import (
+    FORMAT_VERSION, MANIFEST, SPLITS, load_manifest, sha256_file, write_json_atomic,
+)  # fmt: skip
+from imret.data.sources import Record, read_source
+from imret.errors import DataError
+
+# EXIF orientation -> the transpose that displays the image upright (as PIL.ImageOps.exif_transpose does)
+ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}  # fmt: skip
+STORED_AS_IS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+@dataclass
+class Encoded:
+    id: str
+    source: str
+    image: bytes
+    image_ext: str
+    labels: list[int]
+    width: int
+    height: int
+    mask_png: bytes | None
+
+
+@dataclass
+class Rejected:
+    id: str
+    source: str
+    reason: str
+
+
+def sample_key(sample_id: str) -> str:
+    """Dot-free ASCII (WebDataset splits keys at the first dot), readable, and unique through the hash."""
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", sample_id).strip("_")[:40] or "id"
+    return f"{slug}-{hashlib.sha1(sample_id.encode('utf-8')).hexdigest()[:12]}"
+
+
+def split_ids(ids: Iterable[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Order ids by a seeded hash and cut: the split depends on the ids and the seed, never on file order."""
+    order = sorted(set(ids), key=lambda i: hashlib.sha256(f"{seed}\0{i}".encode("utf-8")).digest())
+    n_val = round(len(order) * val_fraction)
+    return order[n_val:], order[:n_val]
+
+
+# ---------------------------------------------------------------- one sample (runs in a worker process)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # high bit depth grayscale: scale, don't clip
+        array = np.asarray(img, dtype=np.float64)
+        top = array.max() or 1.0
+        img = Image.fromarray((array * (255.0 / top)).astype(np.uint8))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _fit_mask(mask: np.ndarray, raw: tuple[int, int], shown: tuple[int, int], transpose) -> Image.Image | str:
+    """The mask in the displayed orientation, or the reason it cannot be."""
+    height, width = mask.shape[:2]
+    img = Image.fromarray((np.asarray(mask) != 0).astype(np.uint8) * 255)
+    if (width, height) == shown:
+        return img
+    if (width, height) == raw and transpose is not None:
+        return img.transpose(transpose)
+    return f"mask is {width}x{height}, image is {shown[0]}x{shown[1]}"
+
+
+def encode_record(record: Record, class_index: dict[str, int], max_side: int | None) -> Encoded | Rejected:
+    def reject(reason: str) -> Rejected:
+        return Rejected(record.id, record.source, reason)
+
+    if record.problem:
+        return reject(record.problem)
+    try:
+        data = record.image_path.read_bytes()
+    except OSError as exc:
+        return reject(f"cannot read image: {exc.strerror}")
+    if not data:
+        return reject("empty file")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()  # a truncated file raises here: never padded
+        source_format = img.format
+        raw_size = img.size
+        transpose = ORIENTATION.get(img.getexif().get(0x0112, 1))
+        shown = img.transpose(transpose) if transpose is not None else img
+        rgb = _to_rgb(shown)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return reject(f"cannot decode image: {exc}")
+
+    try:
+        names, mask = record.annotate()
+    except (ValueError, OSError, KeyError, UnidentifiedImageError) as exc:
+        return reject(f"cannot read annotation: {exc}")
+    unknown = sorted({name for name in names if name not in class_index})
+    if unknown:
+        return reject(f"unknown class {', '.join(repr(name) for name in unknown)}")
+    mask_img = None
+    if mask is not None:
+        mask_img = _fit_mask(mask, raw_size, rgb.size, transpose)
+        if isinstance(mask_img, str):
+            return reject(mask_img)
+
+    resized = False
+    if max_side and max(rgb.size) > max_side:
+        scale = max_side / max(rgb.size)
+        size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+        rgb = rgb.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        mask_img = mask_img.resize(size, Image.Resampling.NEAREST) if mask_img is not None else None
+        resized = True
+
+    unchanged = source_format in STORED_AS_IS and img.mode == "RGB" and transpose is None and not resized
+    if unchanged:
+        image_bytes, ext = data, STORED_AS_IS[source_format]
+    else:
+        buffer = io.BytesIO()
+        ext = "jpg" if source_format == "JPEG" else "png"
+        rgb.save(buffer, format="JPEG" if ext == "jpg" else "PNG", quality=95)
+        image_bytes = buffer.getvalue()
+    mask_png = None
+    if mask_img is not None:
+        buffer = io.BytesIO()
+        mask_img.save(buffer, format="PNG", optimize=True)
+        mask_png = buffer.getvalue()
+    labels = sorted({class_index[name] for name in names})
+    return Encoded(record.id, record.source, image_bytes, ext, labels, rgb.width, rgb.height, mask_png)
+
+
+# ---------------------------------------------------------------- writing
+
+
+class ShardWriter:
+    """Writes `<split>-NNNNNN.tar` files of at most `samples_per_shard` samples, each under a temporary name
+    until it is complete, with fixed tar metadata so the same input gives the same bytes."""
+
+    def __init__(self, out: Path, split: str, samples_per_shard: int):
+        self.out, self.split, self.limit = out, split, samples_per_shard
+        self.shards: list[dict[str, Any]] = []
+        self.tar: tarfile.TarFile | None = None
+        self.count = 0
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        if self.tar is None:
+            name = f"{self.split}-{len(self.shards):06d}.tar"
+            self.tmp = self.out / f".{name}.tmp"
+            self.final = self.out / name
+            self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+        for suffix, payload in members.items():
+            info = tarfile.TarInfo(f"{key}.{suffix}")
+            info.size, info.mtime, info.mode = len(payload), 0, 0o444
+            self.tar.addfile(info, io.BytesIO(payload))
+        self.count += 1
+        if self.count == self.limit:
+            self.close()
+
+    def close(self) -> None:
+        if self.tar is None:
+            return
+        self.tar.close()
+        with open(self.tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(self.tmp, self.final)
+        self.shards.append({"file": self.final.name, "samples": self.count,
+                            "bytes": self.final.stat().st_size, "sha256": sha256_file(self.final)})  # fmt: skip
+        self.tar, self.count = None, 0
+
+
+def _members(sample: Encoded) -> dict[str, bytes]:
+    meta = {"id": sample.id, "labels": sample.labels, "width": sample.width, "height": sample.height}
+    members = {sample.image_ext: sample.image, "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
+    if sample.mask_png is not None:
+        members["mask.png"] = sample.mask_png
+    return members
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if (out / MANIFEST).exists():
+        if not overwrite:
+            raise DataError(f"{out} holds a finished build: pass --overwrite to replace it")
+        (out / MANIFEST).unlink()  # first, so a build killed from here on is never read as complete
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.iterdir():  # our own leftovers from an earlier or killed build, nothing else
+        if re.fullmatch(r"\.?(train|val)-\d{6}\.tar(\.tmp)?|\.manifest\.json\.tmp", stale.name):
+            stale.unlink()
+
+
+def build_shards(src: str | Path, fmt: str, out: str | Path, *, val_fraction: float = 0.1, seed: int = 0,
+                 samples_per_shard: int = 1000, max_side: int | None = None, workers: int | None = None,
+                 overwrite: bool = False, strict: bool = False, require_masks: bool = False) -> dict[str, Any]:  # fmt: skip
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if samples_per_shard < 1 or (max_side is not None and max_side < 16):
+        raise DataError("--samples-per-shard must be >= 1 and --max-side >= 16")
+    out = Path(out)
+    source = read_source(src, fmt)
+    _prepare_out(out, overwrite)
+
+    candidates = {r.id: r for r in source.records if not r.problem}
+    train_ids, val_ids = split_ids(candidates, val_fraction, seed)
+    ordered = [(split, candidates[i]) for split, ids in (("train", train_ids), ("val", val_ids)) for i in ids]
+    rejected = [Rejected(r.id, r.source, r.problem) for r in source.records if r.problem]
+
+    encode = partial(encode_record, class_index={name: i for i, name in enumerate(source.classes)}, max_side=max_side)
+    writers = {split: ShardWriter(out, split, samples_per_shard) for split in SPLITS}
+    keys: set[str] = set()
+    with_masks = 0
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap(encode, [r for _, r in ordered], chunksize=8) if pool else map(encode, (r for _, r in ordered))
+        for (split, record), result in tqdm(zip(ordered, results), total=len(ordered), desc=f"build {out.name}",
+                                            unit="img", mininterval=1.0):  # fmt: skip
+            if isinstance(result, Encoded) and require_masks and result.mask_png is None:
+                result = Rejected(result.id, result.source, "no mask (--require-masks)")
+            if isinstance(result, Rejected):
+                rejected.append(result)
+                continue
+            key = sample_key(result.id)
+            if key in keys:
+                rejected.append(Rejected(result.id, result.source, f"key collision on {key}"))
+                continue
+            keys.add(key)
+            with_masks += result.mask_png is not None
+            writers[split].add(key, _members(result))
+        for writer in writers.values():
+            writer.close()
+    except OSError as exc:
+        raise DataError(f"writing shards in {out}: {exc.strerror or exc}") from None
+    finally:
+        if pool:
+            pool.terminate()
+        for stale in out.glob(".*.tmp"):
+            stale.unlink()
+
+    if strict and rejected:
+        listed = "; ".join(f"{r.source}: {r.reason}" for r in rejected[:5])
+        raise DataError(f"--strict: {len(rejected)} rejected ({listed}{'; ...' if len(rejected) > 5 else ''}), "
+                        f"no manifest written")  # fmt: skip
+    samples = {split: sum(s["samples"] for s in writers[split].shards) for split in SPLITS}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "classes": source.classes,
+        "has_masks": with_masks > 0 and with_masks == sum(samples.values()),
+        "samples_with_masks": with_masks,
+        "splits": {split: {"samples": samples[split], "shards": writers[split].shards} for split in SPLITS},
+        "rejected": [{"source": r.source, "id": r.id, "reason": r.reason} for r in rejected],
+        "source": {"format": fmt, "path": str(Path(src).resolve()), "val_fraction": val_fraction, "seed": seed,
+                   "samples_per_shard": samples_per_shard, "max_side": max_side},  # fmt: skip
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------- verify and info
+
+
+def verify_shards(shard_dir: str | Path) -> list[str]:
+    """Re-hash every shard against the manifest; returns the problems (empty when all is well)."""
+    shard_dir = Path(shard_dir)
+    manifest = load_manifest(shard_dir)
+    problems = []
+    shards = [s for split in SPLITS for s in manifest["splits"][split]["shards"]]
+    for shard in tqdm(shards, desc="verify", unit="shard", mininterval=1.0):
+        path = shard_dir / shard["file"]
+        if not path.is_file():
+            problems.append(f"{shard['file']}: missing")
+        elif path.stat().st_size != shard["bytes"]:
+            problems.append(f"{shard['file']}: {path.stat().st_size} bytes, manifest says {shard['bytes']}")
+        elif sha256_file(path) != shard["sha256"]:
+            problems.append(f"{shard['file']}: sha256 differs from the manifest")
+    return problems
+
+
+def describe_shards(shard_dir: str | Path) -> str:
+    manifest = load_manifest(shard_dir)
+    lines = [f"{shard_dir}: {manifest['source']['format']} build of {manifest['created']}",
+             f"classes ({len(manifest['classes'])}): {', '.join(manifest['classes'])}",
+             f"masks: {'yes' if manifest['has_masks'] else 'no'} ({manifest['samples_with_masks']} samples have one)"]  # fmt: skip
+    for split in SPLITS:
+        info = manifest["splits"][split]
+        size = sum(s["bytes"] for s in info["shards"]) / 2**20
+        lines.append(f"{split}: {info['samples']} samples in {len(info['shards'])} shards, {size:.1f} MiB")
+    rejected = manifest["rejected"]
+    lines.append(f"rejected: {len(rejected)}")
+    lines += [f"  {r['source']}: {r['reason']}" for r in rejected[:20]]
+    if len(rejected) > 20:
+        lines.append(f"  ... and {len(rejected) - 20} more in manifest.json")
+    return "\n".join(lines)

@@ -1,0 +1,223 @@
+"""The streaming loader: shards -> fixed-size uint8 tensors, split by rank then by worker.
+
+Per epoch the shard order is a permutation drawn from (seed, epoch), the same on every rank; rank r takes
+every world-th shard of it and worker w every workers-th shard of those (our explicit node and worker
+splitters). Each rank then runs the same number of steps, computed from the manifest's counts before the
+epoch starts, so DDP never waits on a rank that ran dry; a sample is read at most once per epoch.
+Validation reads every sample exactly once across ranks, in manifest order, and has no step count to agree on.
+Only the extensions imret writes are read from a tar; anything else (a pickle, say) is never even loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import random
+import tarfile
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from imret.data.manifest import load_manifest, shard_paths
+from imret.errors import DataError
+
+log = logging.getLogger("imret.data")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+READ_EXTS = frozenset(IMAGE_EXTS + ("json", "mask.png"))
+
+
+class BadSample(ValueError):
+    pass
+
+
+def _wanted(fname: str) -> bool:
+    return fname.split(".", 1)[-1].lower() in READ_EXTS
+
+
+def decode_image(data: bytes, size: int) -> torch.Tensor:
+    img = Image.open(io.BytesIO(data))
+    if img.format == "JPEG":
+        img.draft("RGB", (size, size))  # DCT-domain downscale: decode at 1/2, 1/4 or 1/8 when that is enough
+    img = img.convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+def decode_mask(data: bytes, size: int) -> torch.Tensor:
+    img = Image.open(io.BytesIO(data)).convert("L")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.NEAREST)
+    return torch.from_numpy((np.asarray(img) > 127).astype(np.uint8))[None]
+
+
+def decode_sample(sample: dict[str, Any], size: int, num_classes: int, with_masks: bool) -> dict[str, Any]:
+    image_ext = next((ext for ext in IMAGE_EXTS if ext in sample), None)
+    if image_ext is None or "json" not in sample:
+        raise BadSample(f"has no {'image' if image_ext is None else 'json'} member")
+    meta = json.loads(sample["json"])
+    labels = torch.zeros(num_classes, dtype=torch.float32)
+    ids = meta["labels"]
+    if any(not isinstance(i, int) or not 0 <= i < num_classes for i in ids):
+        raise BadSample(f"label ids {ids} outside 0..{num_classes - 1}")
+    labels[ids] = 1.0
+    out = {"image": decode_image(sample[image_ext], size), "labels": labels, "key": sample["__key__"]}
+    if with_masks:
+        if "mask.png" not in sample:
+            raise BadSample("has no mask")
+        out["mask"] = decode_mask(sample["mask.png"], size)
+    return out
+
+
+def read_shard(path: Path, expected_samples: int, expected_bytes: int) -> Iterator[dict[str, Any]]:
+    """Raw samples of one shard; a truncated or altered shard is an error naming it, never a silent short read."""
+    try:
+        actual = path.stat().st_size
+    except OSError as exc:
+        raise DataError(f"shard {path}: {exc.strerror}") from None
+    if actual != expected_bytes:
+        raise DataError(f"shard {path}: {actual} bytes, the manifest says {expected_bytes} (truncated or replaced?)")
+    count = 0
+    try:
+        for sample in wds.tarfile_samples([{"url": str(path)}], select_files=_wanted):
+            count += 1
+            yield sample
+    except (tarfile.TarError, OSError, ValueError) as exc:
+        reason = str(exc.args[0] if exc.args else exc).split(" @ ")[0]  # webdataset appends the stream's repr
+        raise DataError(f"shard {path}: truncated or corrupt after {count} samples ({reason})") from None
+    if count != expected_samples:
+        raise DataError(f"shard {path}: {count} samples, the manifest says {expected_samples}")
+
+
+def shuffled(samples: Iterator[Any], buffer: int, rng: random.Random) -> Iterator[Any]:
+    """Reservoir-style shuffle buffer: keeps `buffer` samples and emits a random one per new arrival."""
+    pool: list[Any] = []
+    for sample in samples:
+        if len(pool) < buffer:
+            pool.append(sample)
+            continue
+        index = rng.randrange(buffer)
+        yield pool[index]
+        pool[index] = sample
+    rng.shuffle(pool)
+    yield from pool
+
+
+def _seed(*parts: int) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+
+
+class ShardStream(IterableDataset):
+    """Decoded samples of one split for one rank; each DataLoader worker reads its own shards."""
+
+    def __init__(self, shard_dir: str | Path, split: str, *, size: int, rank: int, world: int, workers: int,
+                 training: bool, seed: int = 0, shuffle_buffer: int = 0, with_masks: bool = False,
+                 max_bad_fraction: float = 0.0):  # fmt: skip
+        self.manifest = load_manifest(shard_dir)
+        self.shards = [(path, n, s["bytes"]) for (path, n), s in
+                       zip(shard_paths(shard_dir, self.manifest, split), self.manifest["splits"][split]["shards"])]  # fmt: skip
+        self.split, self.size, self.rank, self.world = split, size, rank, world
+        self.workers, self.training, self.seed = max(1, workers), training, seed
+        self.shuffle_buffer, self.with_masks, self.max_bad_fraction = shuffle_buffer, with_masks, max_bad_fraction
+        self.num_classes = len(self.manifest["classes"])
+        self.epoch = 0
+
+    def assignment(self, epoch: int) -> list[list[list[tuple[Path, int, int]]]]:
+        """[rank][worker] -> shards: a seeded permutation per epoch when training, manifest order otherwise."""
+        order = list(self.shards)
+        if self.training:
+            random.Random(_seed(self.seed, epoch)).shuffle(order)
+        per_rank = [order[r :: self.world] for r in range(self.world)]
+        return [[shards[w :: self.workers] for w in range(self.workers)] for shards in per_rank]
+
+    def allowed_bad(self, samples: int) -> int:
+        return math.floor(self.max_bad_fraction * samples)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        shards = self.assignment(self.epoch)[self.rank][worker]
+        allowed = self.allowed_bad(sum(n for _, n, _ in shards))
+        samples = self._decoded(shards, allowed)
+        if self.training and self.shuffle_buffer > 1:
+            samples = shuffled(samples, self.shuffle_buffer, random.Random(_seed(self.seed, self.epoch, self.rank, worker)))
+        return samples
+
+    def _decoded(self, shards: list[tuple[Path, int, int]], allowed: int) -> Iterator[dict[str, Any]]:
+        bad = 0
+        for path, samples, size in shards:
+            for raw in read_shard(path, samples, size):
+                try:
+                    yield decode_sample(raw, self.size, self.num_classes, self.with_masks)
+                except (BadSample, OSError, ValueError, KeyError, TypeError, UnidentifiedImageError) as exc:
+                    bad += 1
+                    log.warning("skipping corrupt sample %s in %s: %s", raw.get("__key__"), path.name, exc)
+                    if bad > allowed:
+                        raise DataError(
+                            f"{bad} corrupt samples in this worker's shards, more than data.max_bad_fraction "
+                            f"({self.max_bad_fraction}) allows; last: {raw.get('__key__')} in {path}: {exc}"
+                        ) from None
+
+
+class ShardLoader:
+    """A DataLoader over a ShardStream that knows its number of batches before the epoch starts.
+
+    Training: every rank runs `len(loader)` steps, the same on all ranks: per worker, the batches it can
+    fill even after skipping the most corrupt samples it is allowed; then the smallest total over ranks.
+    """
+
+    def __init__(self, stream: ShardStream, batch_size: int, workers: int, pin_memory: bool = False):
+        self.stream, self.batch_size = stream, batch_size
+        if stream.training:
+            slots = stream.world * stream.workers
+            if len(stream.shards) < slots:
+                raise DataError(
+                    f"the {stream.split} split has {len(stream.shards)} shards, fewer than ranks x workers = "
+                    f"{stream.world} x {stream.workers}: some would get none and DDP would hang; rebuild with a "
+                    f"smaller --samples-per-shard or lower data.workers"
+                )
+        self.loader = DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=stream.training,
+                                 pin_memory=pin_memory, prefetch_factor=4 if workers else None)  # fmt: skip
+        if stream.training and len(self) == 0:
+            raise DataError(f"the {stream.split} split gives no full batch of {batch_size} on some rank: "
+                            f"lower data.batch_size_per_device or use fewer ranks")  # fmt: skip
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.epoch = epoch
+
+    def __len__(self) -> int:
+        per_rank = []
+        for workers in self.stream.assignment(self.stream.epoch):
+            if self.stream.training:
+                counts = [sum(n for _, n, _ in shards) for shards in workers]
+                per_rank.append(sum((n - self.stream.allowed_bad(n)) // self.batch_size for n in counts))
+            else:
+                per_rank.append(sum(math.ceil(sum(n for _, n, _ in shards) / self.batch_size) for shards in workers))
+        return min(per_rank) if self.stream.training else per_rank[self.stream.rank]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return islice(iter(self.loader), len(self))
+
+    @property
+    def classes(self) -> list[str]:
+        return self.stream.manifest["classes"]
+
+
+def make_loader(shard_dir: str | Path, split: str, *, batch_size: int, size: int, training: bool, rank: int = 0,
+                world: int = 1, workers: int = 0, seed: int = 0, shuffle_buffer: int = 0,
+                with_masks: bool = False, max_bad_fraction: float = 0.0, pin_memory: bool = False) -> ShardLoader:  # fmt: skip
+    stream = ShardStream(shard_dir, split, size=size, rank=rank, world=world, workers=workers, training=training,
+                         seed=seed, shuffle_buffer=shuffle_buffer, with_masks=with_masks,
+                         max_bad_fraction=max_bad_fraction)  # fmt: skip
+    if with_masks and not stream.manifest["has_masks"]:
+        raise DataError(f"{shard_dir}: masks were asked for, and these shards have none")
+    return ShardLoader(stream, batch_size, workers, pin_memory)
