@@ -60,6 +60,18 @@ def cmd_recipe_show(args: argparse.Namespace) -> None:
     print(recipe_to_yaml(load_recipe(args.recipe, args.set)), end="")
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from imret.config import load_recipe
+    from imret.train import Terminated, train
+
+    try:
+        train(load_recipe(args.recipe, args.set), debug=args.debug)
+    except Terminated as exc:
+        print(f"imret: {exc}; run the same command again to resume", file=sys.stderr)
+        return 143
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from imret import bench
 
@@ -106,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("recipe", metavar="RECIPE")
     show.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     show.set_defaults(func=cmd_recipe_show)
+
+    train = commands.add_parser("train", help="train a model (also under accelerate launch / torchrun)")
+    train.add_argument("recipe", metavar="RECIPE")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    train.add_argument("--debug", action="store_true", help="one process, 2 short epochs, timings and shapes")
+    train.set_defaults(func=cmd_train)
 
     bench = commands.add_parser("bench", help="measure throughput against a plain baseline")
     bench.add_argument("what", choices=["loader"])

@@ -89,6 +89,7 @@ class TrainConfig:
     early_stop_patience: int = field(default=5, metadata=_range(1))
     early_stop_min_delta: float = field(default=0.0, metadata=_range(0.0))
     max_nonfinite_steps: int = field(default=5, metadata=_range(1))  # in a row, then all ranks stop
+    collective_timeout_s: int = field(default=1800, metadata=_range(10))  # a dead rank ends the run after this
 
 
 @dataclass

@@ -20,3 +20,20 @@ def synth_shards(synth_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "synth"
     build_shards(synth_dir, "folder", out, val_fraction=0.25, samples_per_shard=10, workers=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory) -> Path:
+    """Enough 32 px scenes for a few real optimisation steps per epoch."""
+    data = write_synth(tmp_path_factory.mktemp("synth32") / "data", images=800, size=32, seed=5)
+    out = tmp_path_factory.mktemp("shards32") / "synth"
+    build_shards(data, "folder", out, val_fraction=0.2, samples_per_shard=40, workers=0)
+    return out
+
+
+def tiny_recipe_overrides(shards: Path, run_dir: Path, name: str = "t") -> list[str]:
+    """A CPU-sized recipe: 32 px, the small CNN, two short epochs, no W&B."""
+    return [f"data.shards={shards}", "data.image_size=32", "data.load_size=32", "data.batch_size_per_device=32",
+            "data.workers=0", "data.shuffle_buffer=64", "model.backbone=small-cnn", "optim.lr=1e-3",
+            "train.max_epochs=2", "log.wandb_mode=disabled", "log.every_n_steps=1", f"run.dir={run_dir}",
+            f"run.name={name}"]

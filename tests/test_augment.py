@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from imret.config import AugmentConfig
-from imret.data.augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, quarter_turns
+from imret.data.augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, denormalise, quarter_turns
 
 
 def blocky_batch(n=6, size=64, seed=0):
@@ -12,10 +12,6 @@ def blocky_batch(n=6, size=64, seed=0):
     coarse = torch.randint(0, 2, (n, 1, 8, 8), generator=gen).to(torch.uint8)
     masks = coarse.repeat_interleave(size // 8, 2).repeat_interleave(size // 8, 3)
     return (masks * 255).repeat(1, 3, 1, 1), masks
-
-
-def denormalise(x):
-    return x * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 
 
 @pytest.mark.parametrize("crop", ["random", "random_resized"])

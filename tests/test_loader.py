@@ -88,9 +88,13 @@ def test_shard_order_is_deterministic_per_epoch(synth_shards):
     assert order(0) != order(1) and order(0) != order(0, seed=1)
 
 
-def test_too_few_shards_for_ranks_and_workers_is_an_error(synth_shards):
-    with pytest.raises(DataError, match="fewer than ranks x workers = 4 x 4"):
-        make_loader(synth_shards, "train", batch_size=4, size=32, training=True, world=4, workers=4)
+def test_too_few_shards_for_the_ranks_is_an_error_and_workers_are_clamped(synth_shards, caplog):
+    with pytest.raises(DataError, match="9 shards for 10 ranks"):
+        make_loader(synth_shards, "train", batch_size=4, size=32, training=True, world=10, workers=1)
+    with caplog.at_level(logging.WARNING, logger="imret.data"):
+        loader = make_loader(synth_shards, "train", batch_size=4, size=32, training=True, world=4, workers=4)
+    assert "feed only 2 of 4 loader workers" in caplog.text and loader.loader.num_workers == 2
+    assert all(len(workers) == 2 and all(workers) for workers in loader.stream.assignment(0))
 
 
 def test_no_manifest_is_an_error(tmp_path):

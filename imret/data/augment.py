@@ -57,6 +57,13 @@ class DeviceAugment(nn.Module):
         return (x - self.mean) / self.std, m
 
 
+def denormalise(images: torch.Tensor) -> torch.Tensor:
+    """Normalised images back to [0, 1] RGB, for figures."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return images.float() * std + mean
+
+
 def quarter_turns(images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     """Rotate each square image by turns[i] x 90 degrees counter-clockwise: exact, no resampling.
     Labels 0, 1, 2, 3 stand for 0, 90, 180 and 270 degrees."""

@@ -178,15 +178,19 @@ class ShardLoader:
     def __init__(self, stream: ShardStream, batch_size: int, workers: int, pin_memory: bool = False):
         self.stream, self.batch_size = stream, batch_size
         if stream.training:
-            slots = stream.world * stream.workers
-            if len(stream.shards) < slots:
+            if len(stream.shards) < stream.world:
                 raise DataError(
-                    f"the {stream.split} split has {len(stream.shards)} shards, fewer than ranks x workers = "
-                    f"{stream.world} x {stream.workers}: some would get none and DDP would hang; rebuild with a "
-                    f"smaller --samples-per-shard or lower data.workers"
+                    f"the {stream.split} split has {len(stream.shards)} shards for {stream.world} ranks: a rank "
+                    f"without shards would hang DDP; rebuild with a smaller --samples-per-shard"
                 )
+            usable = len(stream.shards) // stream.world
+            if workers > usable:
+                log.warning("%d %s shards per rank feed only %d of %d loader workers: using %d (a smaller "
+                            "--samples-per-shard gives more shards)", usable, stream.split, usable, workers, usable)  # fmt: skip
+                workers = stream.workers = usable
         self.loader = DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=stream.training,
-                                 pin_memory=pin_memory, prefetch_factor=4 if workers else None)  # fmt: skip
+                                 pin_memory=pin_memory, prefetch_factor=4 if workers else None,
+                                 generator=torch.Generator())  # leaves the global RNG alone: resumed runs replay it  # fmt: skip
         if stream.training and len(self) == 0:
             raise DataError(f"the {stream.split} split gives no full batch of {batch_size} on some rank: "
                             f"lower data.batch_size_per_device or use fewer ranks")  # fmt: skip

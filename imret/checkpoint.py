@@ -1,0 +1,94 @@
+"""Resumable training state, written so that only complete checkpoints are ever loaded.
+
+A checkpoint is a directory `checkpoints/step-<global step>/` holding `state.pt` (model, optimiser, scheduler,
+scaler, progress; written by rank 0), `rng-rank<r>.pt` (each rank's RNG states) and, last, `COMPLETE`. It is
+assembled under a temporary name and renamed once complete; older ones are deleted only after that, keeping
+the newest `keep`. Multi-node runs need the run directory on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+MARKER = "COMPLETE"
+NAME = re.compile(r"step-(\d{9})")
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                       "has_gauss": has_gauss, "cached": cached}}  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Anything without the marker (a killed write) is ignored."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if NAME.fullmatch(p.name) and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: int(NAME.fullmatch(p.name).group(1)))
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    found = complete_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def staging_dir(directory: Path, step: int) -> Path:
+    return directory / f".tmp-step-{step:09d}"
+
+
+def write_rank_rng(stage: Path, rank: int) -> None:
+    path = stage / f"rng-rank{rank}.pt"
+    torch.save(rng_state(), path)
+    _fsync_file(path)
+
+
+def finish_checkpoint(directory: Path, stage: Path, state: dict[str, Any], step: int, keep: int) -> Path:
+    """Rank 0, after every rank wrote its RNG file into `stage`: write the state, the marker, rename, prune."""
+    torch.save(state, stage / "state.pt")
+    _fsync_file(stage / "state.pt")
+    (stage / MARKER).write_text(f"{step}\n")
+    _fsync_file(stage / MARKER)
+    final = directory / f"step-{step:09d}"
+    if final.exists():  # a complete checkpoint of the same step (a re-save after resume): replace it
+        shutil.rmtree(final)
+    os.replace(stage, final)
+    for old in complete_checkpoints(directory)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in directory.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(state, this rank's RNG state or None when the run had fewer ranks)."""
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    rng_path = path / f"rng-rank{rank}.pt"
+    rng = torch.load(rng_path, map_location="cpu", weights_only=True) if rng_path.is_file() else None
+    return state, rng

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from imret.config import Recipe
+from imret.models import initialise_trunk, make_backbone
+
+
+class Task:
+    """Subclasses set `name`, `needs_masks`, and implement build_model, train_loss, val_outputs, val_metrics."""
+
+    name = ""
+    needs_masks = False
+
+    def __init__(self, recipe: Recipe, classes: list[str]):
+        self.recipe, self.classes = recipe, classes
+        self.initialisation = ""
+        self.embedding_dim = 0
+
+    def make_trunk(self) -> tuple[nn.Module, int]:
+        model = self.recipe.model
+        trunk, features = make_backbone(model.backbone)
+        self.initialisation = initialise_trunk(trunk, model.backbone, model.init, model.weights)
+        return trunk, features
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def train_loss(self, model: nn.Module, images: torch.Tensor, masks: torch.Tensor | None,
+                   labels: torch.Tensor, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+        raise NotImplementedError
+
+    def val_outputs(self, model: nn.Module, images: torch.Tensor, masks: torch.Tensor | None,
+                    labels: torch.Tensor) -> dict[str, np.ndarray]:  # fmt: skip
+        """Per-sample arrays (first axis = batch) that are gathered from every rank for val_metrics."""
+        raise NotImplementedError
+
+    def val_metrics(self, outputs: dict[str, np.ndarray], epoch: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def export_meta(self, metrics: dict[str, float]) -> dict[str, Any]:
+        """Task-specific entries of model/meta.json."""
+        return {}
+
+    def val_figure(self, model: nn.Module, images: torch.Tensor, masks: torch.Tensor | None, out: Path) -> Path | None:
+        """Optionally draw example predictions of one validation batch into `out`."""
+        return None
+
+
+def cpu(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().float().cpu().numpy()

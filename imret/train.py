@@ -1,0 +1,454 @@
+"""`imret train RECIPE`: one loop, top to bottom, on accelerate (DDP across processes and machines, mixed
+precision, gradient accumulation). Infrastructure lives in the helpers below `train`; the science lives in
+the task (imret/tasks/).
+
+Run it with `accelerate launch --config_file launch/multi-gpu.yaml -m imret train RECIPE`, with
+`torchrun --nproc_per_node N -m imret train RECIPE`, or plainly; `--debug` is a short single-process run.
+Restarted in the same run directory, it resumes from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, gather_object, set_seed
+from tqdm import tqdm
+
+from imret import checkpoint
+from imret.config import Recipe, check_against_shards, recipe_to_dict
+from imret.data.augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment
+from imret.data.manifest import load_manifest, manifest_hash, write_json_atomic
+from imret.data.shards import ShardLoader, make_loader
+from imret.errors import ImretError
+from imret.monitor import Monitor, wandb_mode
+from imret.tasks import Task, make_task
+
+log = logging.getLogger("imret.train")
+DEBUG_STEPS, DEBUG_VAL_BATCHES, DEBUG_EPOCHS, DEBUG_BATCH = 3, 2, 2, 8
+
+
+class Terminated(Exception):
+    """SIGTERM arrived: the current step finished and a checkpoint was saved. The CLI exits with 143."""
+
+
+class TrainingError(ImretError):
+    pass
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # the epoch in progress, or the next one to start
+    step_in_epoch: int = 0  # batches of `epoch` already trained
+    global_step: int = 0
+    best_loss: float = math.inf
+    bad_epochs: int = 0  # epochs since the validation loss last improved
+    nonfinite_in_row: int = 0
+    nonfinite_total: int = 0
+    finished: bool = False
+
+
+def train(recipe: Recipe, debug: bool = False) -> Path:
+    if debug:
+        recipe = debug_recipe(recipe)
+    mode = "disabled" if debug else wandb_mode(recipe.log.wandb_mode)
+    accelerator = make_accelerator(recipe, mode)
+    if debug and accelerator.num_processes > 1:
+        raise ImretError("--debug runs in one process: start it without torchrun or accelerate launch")
+    set_seed(recipe.run.seed)  # the same initial weights on every rank
+    main = accelerator.is_main_process
+
+    manifest = load_manifest(recipe.data.shards)
+    check_against_shards(recipe, manifest["has_masks"], recipe.data.shards)
+    task = make_task(recipe, manifest["classes"])
+    with_masks = task.needs_masks or recipe.data.zero_background
+    train_loader, val_loader = make_loaders(recipe, accelerator, with_masks)
+
+    model = task.build_model()
+    if accelerator.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if recipe.train.compile:
+        model = torch.compile(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=recipe.optim.plateau_factor, patience=recipe.optim.plateau_patience)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    train_augment = DeviceAugment(recipe.augment, recipe.data.image_size, recipe.load_size, True,
+                                  recipe.data.zero_background).to(accelerator.device)  # fmt: skip
+    eval_augment = DeviceAugment(recipe.augment, recipe.data.image_size, recipe.load_size, False,
+                                 recipe.data.zero_background).to(accelerator.device)  # fmt: skip
+
+    run_dir = recipe.run_dir
+    if debug and main and run_dir.exists():
+        shutil.rmtree(run_dir)  # a debug run always starts fresh
+    accelerator.wait_for_everyone()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    monitor = Monitor(accelerator, recipe, run_dir, mode)
+    progress = resume(accelerator, model, optimizer, scheduler, run_dir, recipe)
+    if progress.global_step:
+        monitor.truncate_after(progress.global_step)
+    if progress.finished:
+        log.info("%s already finished (epoch %d); its model is in %s", run_dir, progress.epoch, run_dir / "model")
+        return run_dir
+
+    if progress.global_step == 0:  # the untrained model: where the curves start, what training must beat
+        metrics, _ = evaluate(task, accelerator, model, val_loader, eval_augment, 0, DEBUG_VAL_BATCHES if debug else None)
+        monitor.log("val", 0, 0, metrics)
+
+    stop = StopSignal()
+    try:
+        for epoch in range(progress.epoch, recipe.train.max_epochs):
+            progress.epoch = epoch
+            train_loader.set_epoch(epoch)
+            steps = steps_this_epoch(train_loader, recipe, debug)
+            model.train()
+            bar = tqdm(total=steps, initial=progress.step_in_epoch, desc=f"epoch {epoch}", disable=not main,
+                       unit="step", dynamic_ncols=True)  # fmt: skip
+            window = Window()
+            fetch_start = time.perf_counter()
+            for index, batch in enumerate(islice(train_loader, steps)):
+                if index < progress.step_in_epoch:  # resuming mid-epoch: replay the epoch's order up to here
+                    continue
+                fetched = time.perf_counter()
+                images, masks = train_augment(batch["image"], batch.get("mask"))
+                labels = batch["labels"].to(accelerator.device, non_blocking=True)
+                if accelerator.device.type == "cuda":
+                    images = images.contiguous(memory_format=torch.channels_last)
+                if debug and progress.global_step == 0:
+                    describe_batch(batch, images, masks)
+
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        loss, stats = task.train_loss(model, images, masks, labels, epoch)
+                    loss_value = float(loss.detach())
+                    nonfinite, stop_requested = agree(accelerator, not math.isfinite(loss_value), stop.requested)
+                    if nonfinite:
+                        optimizer.zero_grad(set_to_none=True)
+                        skip_nonfinite_step(accelerator, progress, recipe, math.isfinite(loss_value), batch["key"])
+                    else:
+                        progress.nonfinite_in_row = 0
+                        accelerator.backward(loss)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+
+                progress.step_in_epoch, progress.global_step = index + 1, progress.global_step + 1
+                window.add(loss_value if not nonfinite else None, len(images) * accelerator.num_processes,
+                           fetched - fetch_start, time.perf_counter() - fetched)  # fmt: skip
+                bar.update(1)
+                bar.set_postfix(loss=f"{window.loss:.4f}", img_s=f"{window.images_per_s:.0f}")
+                if debug:
+                    tqdm.write(f"step {progress.global_step}: data {1000 * (fetched - fetch_start):.0f} ms, "
+                               f"compute {1000 * (time.perf_counter() - fetched):.0f} ms, loss {loss_value:.4f}")  # fmt: skip
+                if progress.global_step % recipe.log.every_n_steps == 0 or index + 1 == steps:
+                    monitor.log("train", epoch, progress.global_step, {
+                        "loss": window.loss, "lr": optimizer.param_groups[0]["lr"],
+                        "images_per_s": window.images_per_s, "nonfinite_steps": progress.nonfinite_total, **stats})  # fmt: skip
+                    window = Window()
+                if stop_requested:
+                    save_checkpoint(accelerator, model, optimizer, scheduler, progress, recipe)
+                    raise Terminated(f"SIGTERM: saved a checkpoint at step {progress.global_step}")
+                every = recipe.checkpoint.every_n_steps
+                if every and progress.global_step % every == 0 and index + 1 < steps:
+                    save_checkpoint(accelerator, model, optimizer, scheduler, progress, recipe)
+                fetch_start = time.perf_counter()
+            bar.close()
+
+            sync_buffers(accelerator, model)
+            metrics, figure_batch = evaluate(task, accelerator, model, val_loader, eval_augment, epoch,
+                                             DEBUG_VAL_BATCHES if debug else None)  # fmt: skip
+            scheduler.step(metrics["loss"])
+            monitor.log("val", epoch, progress.global_step, metrics)
+            if main:
+                log.info("epoch %d: %s", epoch, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if metrics["loss"] < progress.best_loss - recipe.train.early_stop_min_delta:
+                progress.best_loss, progress.bad_epochs = metrics["loss"], 0
+                if main:
+                    export_model(accelerator.unwrap_model(model), task, recipe, manifest, metrics, progress, run_dir)
+                    draw_figure(task, accelerator.unwrap_model(model), figure_batch, run_dir, monitor, progress)
+            else:
+                progress.bad_epochs += 1
+            early_stop = progress.bad_epochs >= recipe.train.early_stop_patience
+            progress.epoch, progress.step_in_epoch = epoch + 1, 0
+            progress.finished = early_stop or epoch + 1 == recipe.train.max_epochs
+            save_checkpoint(accelerator, model, optimizer, scheduler, progress, recipe)
+            monitor.plot()
+            if early_stop:
+                log.info("early stop: no improvement of the validation loss for %d epochs", progress.bad_epochs)
+                break
+            if agree(accelerator, stop.requested)[0]:
+                raise Terminated(f"SIGTERM: saved a checkpoint at the end of epoch {epoch}")
+    finally:
+        stop.restore()
+        monitor.finish()
+    check_ranks_agree(accelerator, model, progress)
+    if main:
+        log.info("done: best validation loss %.4f; model in %s", progress.best_loss, run_dir / "model")
+    return run_dir
+
+
+# ---------------------------------------------------------------- setup
+
+
+def debug_recipe(recipe: Recipe) -> Recipe:
+    recipe = dataclasses.replace(recipe, run=dataclasses.replace(recipe.run, name=f"{recipe.run.name}-debug"))
+    recipe.train = dataclasses.replace(recipe.train, max_epochs=DEBUG_EPOCHS)
+    recipe.data = dataclasses.replace(recipe.data, batch_size_per_device=min(DEBUG_BATCH, recipe.data.batch_size_per_device))
+    log.info("debug: one process, %d epochs of %d steps, batch %d, W&B off, run dir %s", DEBUG_EPOCHS, DEBUG_STEPS,
+             recipe.data.batch_size_per_device, recipe.run_dir)  # fmt: skip
+    return recipe
+
+
+def resolve_precision(configured: str) -> str | None:
+    """auto: the launch config's choice (ACCELERATE_MIXED_PRECISION), else bf16 where the GPU supports it."""
+    if configured != "auto":
+        return configured
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return None
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def make_accelerator(recipe: Recipe, mode: str) -> Accelerator:
+    return Accelerator(
+        mixed_precision=resolve_precision(recipe.train.mixed_precision),
+        gradient_accumulation_steps=recipe.train.grad_accum_steps,
+        # our loaders are already split by rank: never let rank 0 decode for everyone
+        dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=recipe.train.collective_timeout_s))],
+        log_with=None if mode == "disabled" else "wandb",
+    )
+
+
+def make_loaders(recipe: Recipe, accelerator: Accelerator, with_masks: bool) -> tuple[ShardLoader, ShardLoader]:
+    d = recipe.data
+    common = dict(batch_size=d.batch_size_per_device, size=recipe.load_size, rank=accelerator.process_index,
+                  world=accelerator.num_processes, seed=recipe.run.seed, with_masks=with_masks,
+                  max_bad_fraction=d.max_bad_fraction, pin_memory=accelerator.device.type == "cuda")  # fmt: skip
+    train_loader = make_loader(d.shards, "train", training=True, workers=d.workers, shuffle_buffer=d.shuffle_buffer, **common)
+    val_loader = make_loader(d.shards, "val", training=False, workers=min(d.workers, 2), **common)
+    return train_loader, val_loader
+
+
+def steps_this_epoch(loader: ShardLoader, recipe: Recipe, debug: bool) -> int:
+    steps = len(loader)
+    if recipe.train.steps_per_epoch:
+        steps = min(steps, recipe.train.steps_per_epoch)
+    return min(steps, DEBUG_STEPS) if debug else steps
+
+
+class StopSignal:
+    """SIGTERM sets a flag; the loop finishes its step, saves, and exits 143 (torchrun restarts resume)."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def agree(accelerator: Accelerator, *flags: bool) -> list[bool]:
+    """True on every rank when true on any: one all-reduce for all flags."""
+    values = torch.tensor([float(flag) for flag in flags], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
+
+
+def skip_nonfinite_step(accelerator: Accelerator, progress: Progress, recipe: Recipe, finite_here: bool,
+                        keys: list[str]) -> None:  # fmt: skip
+    """Every rank skips the step together; too many in a row stop every rank with the same message."""
+    progress.nonfinite_in_row += 1
+    progress.nonfinite_total += 1
+    reports = gather_object([(accelerator.process_index, finite_here, list(keys)[:8])])
+    bad = [(rank, batch_keys) for rank, finite, batch_keys in reports if not finite]
+    where = "; ".join(f"rank {rank}: {', '.join(batch_keys)}" for rank, batch_keys in bad)
+    if progress.nonfinite_in_row >= recipe.train.max_nonfinite_steps:
+        raise TrainingError(f"non-finite loss for {progress.nonfinite_in_row} steps in a row "
+                            f"(train.max_nonfinite_steps); last batch keys on {where}")  # fmt: skip
+    if accelerator.is_main_process:
+        log.warning("non-finite loss at step %d, skipped on every rank (%d in a row); batch keys on %s",
+                    progress.global_step + 1, progress.nonfinite_in_row, where)  # fmt: skip
+
+
+def sync_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """DDP broadcasts buffers (BatchNorm statistics) from rank 0 only at the start of a forward pass, so after
+    the last step of an epoch each rank holds its own: send rank 0's before validating and saving."""
+    if accelerator.num_processes > 1:
+        for buffer in accelerator.unwrap_model(model).buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
+def check_ranks_agree(accelerator: Accelerator, model: torch.nn.Module, progress: Progress) -> None:
+    """DDP keeps replicas identical; prove it at the end: every rank ran the same steps to the same weights."""
+    digest = hashlib.sha256()
+    for tensor in accelerator.unwrap_model(model).state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    reports = gather_object([(progress.global_step, digest.hexdigest()[:16])])
+    if len(set(reports)) > 1:
+        raise TrainingError(f"ranks disagree at the end of training (steps, weights checksum): {reports}")
+    if accelerator.is_main_process and accelerator.num_processes > 1:
+        log.info("%d ranks agree: %d steps each, weights checksum %s", len(reports), *reports[0])
+
+
+class Window:
+    """Running loss and throughput between two log lines."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+        self.images, self.seconds = 0, 0.0
+
+    def add(self, loss: float | None, images: int, data_s: float, compute_s: float) -> None:
+        if loss is not None:
+            self.losses.append(loss)
+        self.images += images
+        self.seconds += data_s + compute_s
+
+    @property
+    def loss(self) -> float:
+        return float(np.mean(self.losses)) if self.losses else math.nan
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+def describe_batch(batch: dict[str, Any], images: torch.Tensor, masks: torch.Tensor | None) -> None:
+    lines = ["first batch:"]
+    for name, value in [*batch.items(), ("image after augmentation", images), ("mask after augmentation", masks)]:
+        if isinstance(value, torch.Tensor):
+            lines.append(f"  {name}: {tuple(value.shape)} {value.dtype}, "
+                         f"range [{float(value.min()):.3g}, {float(value.max()):.3g}]")  # fmt: skip
+        elif isinstance(value, list):
+            lines.append(f"  {name}: {len(value)} items, first {value[0]!r}")
+    tqdm.write("\n".join(lines))
+
+
+# ---------------------------------------------------------------- validation and export
+
+
+def evaluate(task: Task, accelerator: Accelerator, model: torch.nn.Module, loader: ShardLoader,
+             augment: DeviceAugment, epoch: int, max_batches: int | None) -> tuple[dict[str, float], Any]:  # fmt: skip
+    """Each rank scores its own validation shards (uneven counts are fine: no collective inside the loop, and
+    the unwrapped model, so DDP does not broadcast buffers), then one gather brings every output to every rank."""
+    net = accelerator.unwrap_model(model)
+    net.eval()
+    outputs: dict[str, list[np.ndarray]] = {}
+    figure_batch = None
+    with torch.no_grad():
+        for batch in islice(loader, max_batches):
+            images, masks = augment(batch["image"], batch.get("mask"))
+            labels = batch["labels"].to(accelerator.device)
+            with accelerator.autocast():
+                for key, value in task.val_outputs(net, images, masks, labels).items():
+                    outputs.setdefault(key, []).append(value)
+            if figure_batch is None:
+                figure_batch = (images[:8], masks[:8] if masks is not None else None)
+    local = {key: np.concatenate(values) for key, values in outputs.items()}
+    merged: dict[str, list[np.ndarray]] = {}
+    for part in gather_object([local]):
+        for key, value in part.items():
+            merged.setdefault(key, []).append(value)
+    if not merged:
+        raise ImretError("the validation split is empty: rebuild the shards with --val-fraction above 0")
+    metrics = task.val_metrics({key: np.concatenate(values) for key, values in merged.items()}, epoch)
+    net.train()
+    return metrics, figure_batch
+
+
+def export_model(net: torch.nn.Module, task: Task, recipe: Recipe, manifest: dict, metrics: dict[str, float],
+                 progress: Progress, run_dir: Path) -> None:  # fmt: skip
+    """model/: weights.pt and meta.json, staged then swapped in, so model/ is never half-written."""
+    stage, final, old = run_dir / ".model-tmp", run_dir / "model", run_dir / ".model-old"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    torch.save(state, stage / "weights.pt")
+    meta = {
+        "task": task.name, "backbone": recipe.model.backbone, "classes": task.classes,
+        "image_size": recipe.data.image_size, "load_size": recipe.load_size,
+        "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "zero_background": recipe.data.zero_background,
+        "embedding": {"layer": net.embedding, "dim": task.embedding_dim},
+        "initialisation": task.initialisation, "epoch": progress.epoch, "step": progress.global_step,
+        "val": metrics, "shards": {"dir": recipe.data.shards, "manifest_hash": manifest_hash(manifest)},
+        "recipe": recipe_to_dict(recipe), **task.export_meta(metrics),
+    }  # fmt: skip
+    write_json_atomic(stage / "meta.json", meta)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(stage, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def draw_figure(task: Task, net: torch.nn.Module, figure_batch: Any, run_dir: Path, monitor: Monitor,
+                progress: Progress) -> None:  # fmt: skip
+    if figure_batch is None:
+        return
+    net.eval()
+    with torch.no_grad():
+        path = task.val_figure(net, figure_batch[0], figure_batch[1], run_dir / "plots" / "val-examples.png")
+    net.train()
+    if path is not None:
+        monitor.log_image("val/examples", path, progress.global_step)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(accelerator: Accelerator, model, optimizer, scheduler, progress: Progress, recipe: Recipe) -> None:
+    directory = recipe.run_dir / "checkpoints"
+    stage = checkpoint.staging_dir(directory, progress.global_step)
+    if accelerator.is_main_process:
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    checkpoint.write_rank_rng(stage, accelerator.process_index)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        state = {"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler, "progress": dataclasses.asdict(progress),
+                 "recipe": json.dumps(recipe_to_dict(recipe))}  # fmt: skip
+        checkpoint.finish_checkpoint(directory, stage, state, progress.global_step, recipe.checkpoint.keep)
+    accelerator.wait_for_everyone()
+
+
+def resume(accelerator: Accelerator, model, optimizer, scheduler, run_dir: Path, recipe: Recipe) -> Progress:
+    latest = checkpoint.latest_checkpoint(run_dir / "checkpoints")
+    if latest is None:
+        return Progress()
+    state, rng = checkpoint.load_checkpoint(latest, accelerator.process_index)
+    accelerator.unwrap_model(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if accelerator.scaler is not None and state["scaler"] is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    if rng is not None:
+        checkpoint.set_rng_state(rng)
+    progress = Progress(**state["progress"])
+    if accelerator.is_main_process:
+        log.info("resuming from %s (epoch %d, step %d)", latest, progress.epoch, progress.global_step)
+        saved = json.loads(state["recipe"])
+        changed = [f"{s}.{k}" for s, values in recipe_to_dict(recipe).items() for k, v in values.items()
+                   if saved.get(s, {}).get(k) != v]  # fmt: skip
+        if changed:
+            log.warning("the recipe differs from the checkpoint's in %s", ", ".join(changed))
+    return progress

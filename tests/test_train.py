@@ -1,0 +1,241 @@
+"""The trainer on tiny synthetic shards, CPU only: every task learns, resume is exact, signals and failures
+are handled, and two gloo ranks agree."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_recipe_overrides
+from imret.cli import main
+from imret.config import load_recipe
+from imret.errors import ImretError
+from imret.train import Terminated, train
+
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+
+
+def recipe(tmp_path, shards, name="t", extra=()):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("")
+    return load_recipe(path, tiny_recipe_overrides(shards, tmp_path / "runs", name) + list(extra))
+
+
+def records(run_dir, split):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+TASKS = {
+    "multilabel": ([], "f1"),
+    # triplet: the held-out objective improves in two tiny epochs; retrieval itself takes longer (see README)
+    "triplet": (["task.name=triplet", "task.mining=semi_hard", "task.margin_start=0.2", "task.margin_end=0.2"], None),
+    "rotation": (["task.name=rotation"], "accuracy"),
+    "segmentation": (["task.name=segmentation", "model.backbone=resnet18", "data.batch_size_per_device=16"], "iou"),
+}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_each_task_beats_its_untrained_start(tmp_path, train_shards, task):
+    extra, metric = TASKS[task]
+    run_dir = train(recipe(tmp_path, train_shards, task, extra))
+    val = records(run_dir, "val")
+    assert val[0]["step"] == 0 and len(val) == 3  # the untrained model, then two epochs
+    assert min(r["loss"] for r in val[1:]) < val[0]["loss"]
+    if metric:
+        assert max(r[metric] for r in val[1:]) > val[0][metric]
+    meta = json.loads((run_dir / "model" / "meta.json").read_text())
+    assert meta["task"] == task and val[-1].keys() - {"epoch", "step", "split"} == meta["val"].keys()
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "plots" / "loss.png").is_file()
+    state = torch.load(run_dir / "model" / "weights.pt", weights_only=True)
+    assert state and all(torch.isfinite(v.float()).all() for v in state.values())
+    if task == "segmentation":
+        assert (run_dir / "plots" / "val-examples.png").is_file()
+
+
+def test_meta_declares_each_models_embedding_layer(tmp_path, train_shards):
+    classifier = train(recipe(tmp_path, train_shards, "cls", ["train.max_epochs=1"]))
+    meta = json.loads((classifier / "model" / "meta.json").read_text())
+    assert meta["embedding"] == {"layer": "pooled", "dim": 256} and meta["initialisation"] == "scratch (Kaiming)"
+    assert 0 < meta["threshold"] < 1 and meta["classes"][0] == "shirt"
+
+    triplet = train(recipe(tmp_path, train_shards, "tri", ["train.max_epochs=1", "task.name=triplet",
+                                                           "model.init=run", f"model.weights={classifier}"]))
+    meta = json.loads((triplet / "model" / "meta.json").read_text())
+    assert meta["embedding"] == {"layer": "head", "dim": 128}
+    assert meta["initialisation"].startswith(f"run {classifier} (multilabel")
+
+
+def test_imagenet_weights_from_a_local_file_and_a_clear_offline_error(tmp_path, train_shards, monkeypatch):
+    from torchvision.models import resnet18
+
+    weights = tmp_path / "resnet18-local.pth"
+    reference = resnet18().state_dict()
+    torch.save(reference, weights)
+    run_dir = train(recipe(tmp_path, train_shards, "ft", ["model.backbone=resnet18", "model.init=imagenet",
+                                                          f"model.weights={weights}", "train.max_epochs=1",
+                                                          "train.steps_per_epoch=1", "optim.lr=1e-12"]))
+    meta = json.loads((run_dir / "model" / "meta.json").read_text())
+    assert meta["initialisation"] == f"imagenet ({weights})"
+    trained = torch.load(run_dir / "model" / "weights.pt", weights_only=True)
+    assert torch.allclose(trained["trunk.conv1.weight"], reference["conv1.weight"], atol=1e-6)
+
+    from urllib.error import URLError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(ImretError, match=r"not in .*resnet18-f37072fd.pth and could not be downloaded.*--set model.weights="):
+        train(recipe(tmp_path, train_shards, "ft2", ["model.backbone=resnet18", "model.init=imagenet"]))
+
+
+def test_segmentation_on_shards_without_masks_is_refused(tmp_path, synth_dir):
+    from imret.data.build import build_shards
+
+    (synth_dir / "masks").rename(synth_dir / "masks_off")
+    try:
+        build_shards(synth_dir, "folder", tmp_path / "nomask", workers=0, samples_per_shard=40)
+    finally:
+        (synth_dir / "masks_off").rename(synth_dir / "masks")
+    with pytest.raises(ImretError, match="segmentation needs masks"):
+        train(recipe(tmp_path, tmp_path / "nomask", "seg", ["task.name=segmentation", "model.backbone=resnet18"]))
+
+
+def final_weights(run_dir: Path) -> dict:
+    latest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    return torch.load(latest / "state.pt", weights_only=True)["model"]
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, train_shards, monkeypatch, caplog):
+    extra = ["augment.hflip=true", "augment.crop=random_resized", "train.max_epochs=2"]
+    straight = train(recipe(tmp_path, train_shards, "straight", extra))
+
+    from imret.tasks.multilabel import MultilabelTask
+
+    original = MultilabelTask.train_loss
+    calls = {"n": 0}
+
+    def sigterm_at_step_3(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the real signal path: handler, finish the step, save
+        return original(self, *args)
+
+    monkeypatch.setattr(MultilabelTask, "train_loss", sigterm_at_step_3)
+    resumed_recipe = recipe(tmp_path, train_shards, "resumed", extra)
+    with pytest.raises(Terminated):
+        train(resumed_recipe)
+    monkeypatch.setattr(MultilabelTask, "train_loss", original)
+    with caplog.at_level(logging.INFO, logger="imret.train"):
+        resumed = train(resumed_recipe)
+    assert "resuming from" in caplog.text and "(epoch 0, step 3)" in caplog.text
+    a, b = final_weights(straight), final_weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
+    steps = [r["step"] for r in records(resumed, "train")]
+    assert steps == sorted(set(steps))  # metrics.jsonl was cut back to the checkpoint, no duplicates
+
+
+def test_a_finished_run_is_not_trained_again(tmp_path, train_shards, caplog):
+    r = recipe(tmp_path, train_shards, "done", ["train.max_epochs=1"])
+    train(r)
+    with caplog.at_level(logging.INFO, logger="imret.train"):
+        train(r)
+    assert "already finished" in caplog.text
+
+
+def test_a_failing_wandb_never_stops_training(tmp_path, train_shards, monkeypatch, caplog):
+    import accelerate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("wandb server unreachable")
+
+    monkeypatch.setattr(accelerate.Accelerator, "init_trackers", broken)
+    with caplog.at_level(logging.WARNING, logger="imret.train"):
+        run_dir = train(recipe(tmp_path, train_shards, "wb", ["log.wandb_mode=offline", "train.max_epochs=1"]))
+    assert "W&B could not start (RuntimeError: wandb server unreachable)" in caplog.text
+    assert (run_dir / "model" / "meta.json").is_file()
+
+
+def test_sigterm_exits_143_and_a_rerun_resumes(tmp_path, train_shards):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("")
+    overrides = tiny_recipe_overrides(train_shards, tmp_path / "runs", "sig") + ["train.max_epochs=3"]
+    cmd = [sys.executable, "-m", "imret", "train", str(path)] + [a for o in overrides for a in ("--set", o)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stderr:  # wait for an event, not a time: the end of the first epoch
+        if "epoch 0: loss" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 143, rest[-2000:]
+    assert "run the same command again to resume" in rest
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from" in again.stderr
+    assert len(records(tmp_path / "runs" / "sig", "val")) == 4
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_runs_in_debug_mode(tmp_path, train_shards, path, monkeypatch, capsys):
+    """What a user runs first: `imret train RECIPE --debug --set data.shards=...`, at 32 px to keep it short."""
+    from torchvision.models import resnet18
+
+    monkeypatch.chdir(tmp_path)
+    overrides = [f"data.shards={train_shards}", "data.image_size=32", "data.load_size=40", "data.workers=0"]
+    resolved = load_recipe(path, overrides)
+    if resolved.model.init == "imagenet":  # offline here: a local weights file stands in for the hub download
+        torch.save(resnet18().state_dict(), tmp_path / "imagenet.pth")
+        overrides.append(f"model.weights={tmp_path / 'imagenet.pth'}")
+    if resolved.model.init == "run":
+        classifier = load_recipe(path.parent / "finetune.yaml", overrides)
+        torch.save(resnet18().state_dict(), tmp_path / "imagenet.pth")
+        assert main(["train", str(path.parent / "finetune.yaml"), "--debug"] + [a for o in overrides + [
+            f"model.weights={tmp_path / 'imagenet.pth'}", f"run.name={resolved.model.weights.split('/')[-1]}"]
+            for a in ("--set", o)]) == 0  # fmt: skip
+        overrides.append(f"model.weights={classifier.run_dir.parent / (classifier.run.name + '-debug')}")
+    assert main(["train", str(path), "--debug"] + [a for o in overrides for a in ("--set", o)]) == 0
+    out = capsys.readouterr().out
+    assert "first batch:" in out and "step 6:" in out and "compute" in out
+
+
+def torchrun(*args, timeout=300):
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1])]))  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_gloo_ranks_train_in_step_to_identical_weights(tmp_path, train_shards):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("")
+    overrides = tiny_recipe_overrides(train_shards, tmp_path / "runs", "ddp")
+    result = torchrun("-m", "imret", "train", str(path), *[a for o in overrides for a in ("--set", o)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = len(records(tmp_path / "runs" / "ddp", "train"))
+    assert "2 ranks agree: 20 steps each" in result.stderr and steps == 20  # 320 samples a rank, batch 32
+    assert (tmp_path / "runs" / "ddp" / "model" / "weights.pt").is_file()
+
+
+def test_a_nan_on_one_rank_stops_both_with_the_same_message(tmp_path, train_shards):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("")
+    overrides = tiny_recipe_overrides(train_shards, tmp_path / "runs", "nan") + ["train.max_nonfinite_steps=3"]
+    result = torchrun(str(Path(__file__).parent / "ddp_train_probe.py"), str(path), str(tmp_path), "nan-on-rank-1",
+                      *overrides)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    ends = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert not ends[0]["ok"] and ends[0] == ends[1]
+    assert "non-finite loss for 3 steps in a row" in ends[0]["error"] and "rank 1: synth-" in ends[0]["error"]
+    assert "rank 0:" not in ends[0]["error"]
