@@ -360,7 +360,7 @@ def evaluate(task: Task, accelerator: Accelerator, model: torch.nn.Module, loade
                 for key, value in task.val_outputs(net, images, masks, labels).items():
                     outputs.setdefault(key, []).append(value)
             if figure_batch is None:
-                figure_batch = (images[:8], masks[:8] if masks is not None else None)
+                figure_batch = (images[:8], masks[:8] if masks is not None else None, labels[:8])
     local = {key: np.concatenate(values) for key, values in outputs.items()}
     merged: dict[str, list[np.ndarray]] = {}
     for part in gather_object([local]):
@@ -404,7 +404,7 @@ def draw_figure(task: Task, net: torch.nn.Module, figure_batch: Any, run_dir: Pa
         return
     net.eval()
     with torch.no_grad():
-        path = task.val_figure(net, figure_batch[0], figure_batch[1], run_dir / "plots" / "val-examples.png")
+        path = task.val_figure(net, *figure_batch, run_dir / "plots" / "val-examples.png")
     net.train()
     if path is not None:
         monitor.log_image("val/examples", path, progress.global_step)

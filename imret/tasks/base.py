@@ -47,7 +47,8 @@ class Task:
         """Task-specific entries of model/meta.json."""
         return {}
 
-    def val_figure(self, model: nn.Module, images: torch.Tensor, masks: torch.Tensor | None, out: Path) -> Path | None:
+    def val_figure(self, model: nn.Module, images: torch.Tensor, masks: torch.Tensor | None, labels: torch.Tensor,
+                   out: Path) -> Path | None:  # fmt: skip
         """Optionally draw example predictions of one validation batch into `out`."""
         return None
 

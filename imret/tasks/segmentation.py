@@ -42,7 +42,7 @@ class SegmentationTask(Task):
     def val_metrics(self, outputs, epoch):
         return {"loss": float(np.mean(outputs["loss"])), "iou": float(np.mean(outputs["iou"]))}
 
-    def val_figure(self, model, images, masks, out: Path) -> Path:
+    def val_figure(self, model, images, masks, labels, out: Path) -> Path:
         import matplotlib
 
         matplotlib.use("Agg")
