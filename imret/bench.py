@@ -4,6 +4,8 @@ loader: the embedded data, upscaled to photo size (`source_size`, as real datase
         by a plain map-style Dataset that opens and resizes each image file and mask with PIL, against
         imret's streaming loader over shards built from the same files with --max-side near the training
         size; same workers and batch size. Also the device augmentation on this machine's device.
+faiss:  exact k-NN of 500 queries against a gallery: FAISS with its default BLAS threshold (a scan per query
+        below it), FAISS as imret configures it, and a plain torch matmul + topk.
 """
 
 from __future__ import annotations
@@ -121,7 +123,38 @@ def islice_batches(loader: Any, count: int):
         yield batch
 
 
-BENCHES = {"loader": bench_loader}
+def bench_faiss(images: int, size: int, workers: int, queries: int = 500, dim: int = 512, k: int = 5) -> dict[str, Any]:
+    """`images` is the gallery size here; size and workers are unused."""
+    import faiss
+
+    from imret.retrieval import build_index, search
+
+    rng = np.random.default_rng(0)
+    gallery = rng.normal(size=(images, dim)).astype(np.float32)
+    query = rng.normal(size=(queries, dim)).astype(np.float32)
+
+    def timed(fn) -> tuple[float, Any]:
+        fn()
+        start = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - start, out
+
+    index = build_index(gallery, "flat", device="cpu")
+    tuned_s, tuned = timed(lambda: search(index, query, k)[1])
+    faiss.cvar.distance_compute_blas_threshold = 20  # FAISS's default
+    default_s, default = timed(lambda: index.search(query, k)[1])
+    faiss.cvar.distance_compute_blas_threshold = 1
+    g, q = torch.from_numpy(gallery), torch.from_numpy(query)
+    torch_s, plain = timed(lambda: torch.cdist(q, g).topk(k, largest=False).indices.numpy())
+    agree = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(tuned, plain)]))
+    return {"bench": "faiss", "date": date.today().isoformat(), "machine": machine(), "gallery": images,
+            "queries": queries, "dim": dim, "k": k, "faiss_default_s": round(default_s, 4),
+            "faiss_imret_s": round(tuned_s, 4), "torch_matmul_topk_s": round(torch_s, 4),
+            "speedup_imret_vs_default": round(default_s / tuned_s, 2), "speedup_imret_vs_torch": round(torch_s / tuned_s, 2),
+            "neighbours_agree_with_torch": round(agree, 4), "default_agrees": bool(np.array_equal(default, tuned))}  # fmt: skip
+
+
+BENCHES = {"loader": bench_loader, "faiss": bench_faiss}
 
 
 def run(what: str, **kwargs: Any) -> dict[str, Any]:

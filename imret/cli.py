@@ -72,6 +72,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> None:
+    from imret.embed import embed
+
+    out = embed(args.run_dir, args.shards, args.split, mask_with=args.mask_with, out=args.out,
+                batch_size=args.batch_size, workers=args.workers)  # fmt: skip
+    print(f"embeddings: {out}")
+
+
+def cmd_index_build(args: argparse.Namespace) -> None:
+    from imret.index import build_and_save
+
+    print(build_and_save(args.emb_dir, kind=args.kind, device=args.device))
+
+
+def cmd_study(args: argparse.Namespace) -> None:
+    from imret.study import load_study, run_study
+
+    print(f"report: {run_study(load_study(args.recipe, args.set))}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from imret.study import demo
+
+    print(f"report: {demo(args.out)}")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from imret import bench
 
@@ -125,9 +151,35 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--debug", action="store_true", help="one process, 2 short epochs, timings and shapes")
     train.set_defaults(func=cmd_train)
 
+    embed = commands.add_parser("embed", help="embed a split with a trained model (also under accelerate launch)")
+    embed.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or imagenet-resnet18")
+    embed.add_argument("--shards", required=True, metavar="DIR")
+    embed.add_argument("--split", required=True, choices=["train", "val"])
+    embed.add_argument("--mask-with", metavar="SEG_RUN_DIR", help="zero the background with this U-Net's masks")
+    embed.add_argument("--out", metavar="DIR", help="default: RUN_DIR/embeddings/<split>[-masked-<seg run>]")
+    embed.add_argument("--batch-size", type=int, default=128)
+    embed.add_argument("--workers", type=int, default=2)
+    embed.set_defaults(func=cmd_embed)
+
+    index = commands.add_parser("index", help="FAISS index").add_subparsers(dest="action", required=True)
+    index_build = index.add_parser("build", help="index an embedding directory (EMB_DIR/index.faiss + sidecar)")
+    index_build.add_argument("emb_dir", metavar="EMB_DIR")
+    index_build.add_argument("--kind", choices=["flat", "ivfpq"], default="flat")
+    index_build.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto")
+    index_build.set_defaults(func=cmd_index_build)
+
+    study = commands.add_parser("study", help="run every stage of a study recipe, skipping finished ones")
+    study.add_argument("recipe", metavar="RECIPE")
+    study.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    study.set_defaults(func=cmd_study)
+
+    demo = commands.add_parser("demo", help="the study on the embedded synthetic data, on the CPU")
+    demo.add_argument("--out", default="demo", metavar="DIR")
+    demo.set_defaults(func=cmd_demo)
+
     bench = commands.add_parser("bench", help="measure throughput against a plain baseline")
-    bench.add_argument("what", choices=["loader"])
-    bench.add_argument("--images", type=int, default=2000)
+    bench.add_argument("what", choices=["loader", "faiss"])
+    bench.add_argument("--images", type=int, default=2000, help="dataset size (loader) or gallery size (faiss)")
     bench.add_argument("--size", type=int, default=96, help="side of the images the loader yields")
     bench.add_argument("--workers", type=int, default=2)
     bench.add_argument("--json", action="store_true")

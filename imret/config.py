@@ -20,7 +20,7 @@ import yaml
 from imret.errors import RecipeError
 
 
-def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
+def bounds(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
     return {"range": (lo, hi, lo_open, hi_open)}
 
 
@@ -34,21 +34,21 @@ class RunConfig:
 @dataclass
 class DataConfig:
     shards: str = "shards/synth"
-    image_size: int = field(default=224, metadata=_range(16, 4096))  # what the network sees
-    load_size: int | None = field(default=None, metadata=_range(16, 4096))  # CPU-side size; None = image_size
-    batch_size_per_device: int = field(default=128, metadata=_range(1))
-    workers: int = field(default=4, metadata=_range(0, 64))
-    shuffle_buffer: int = field(default=1000, metadata=_range(0))
-    max_bad_fraction: float = field(default=0.001, metadata=_range(0.0, 1.0, hi_open=True))
+    image_size: int = field(default=224, metadata=bounds(16, 4096))  # what the network sees
+    load_size: int | None = field(default=None, metadata=bounds(16, 4096))  # CPU-side size; None = image_size
+    batch_size_per_device: int = field(default=128, metadata=bounds(1))
+    workers: int = field(default=4, metadata=bounds(0, 64))
+    shuffle_buffer: int = field(default=1000, metadata=bounds(0))
+    max_bad_fraction: float = field(default=0.001, metadata=bounds(0.0, 1.0, hi_open=True))
     zero_background: bool = False  # multiply images by their true mask (the study's masked variant)
 
 
 @dataclass
 class AugmentConfig:
     crop: Literal["none", "random", "random_resized"] = "none"
-    crop_scale_min: float = field(default=0.35, metadata=_range(0.0, 1.0, lo_open=True))
+    crop_scale_min: float = field(default=0.35, metadata=bounds(0.0, 1.0, lo_open=True))
     hflip: bool = False
-    color_jitter: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    color_jitter: float = field(default=0.0, metadata=bounds(0.0, 1.0))
 
 
 @dataclass
@@ -56,53 +56,53 @@ class ModelConfig:
     backbone: str = "resnet18"
     init: Literal["scratch", "imagenet", "run"] = "scratch"
     weights: str | None = None  # a local ImageNet weights file, or the run directory for init: run
-    embedding_dim: int = field(default=128, metadata=_range(2, 8192))  # triplet head
+    embedding_dim: int = field(default=128, metadata=bounds(2, 8192))  # triplet head
 
 
 @dataclass
 class TaskConfig:
     name: Literal["multilabel", "triplet", "rotation", "segmentation"] = "multilabel"
     # triplet: a pair is positive above this label IoU, negative at or below the other
-    positive_min_iou: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
-    negative_max_iou: float = field(default=0.0, metadata=_range(0.0, 1.0, hi_open=True))
+    positive_min_iou: float = field(default=0.5, metadata=bounds(0.0, 1.0, lo_open=True))
+    negative_max_iou: float = field(default=0.0, metadata=bounds(0.0, 1.0, hi_open=True))
     mining: Literal["batch_hard", "semi_hard"] = "batch_hard"
-    margin_start: float = field(default=0.1, metadata=_range(0.0, lo_open=True))
-    margin_end: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
-    margin_epochs: int = field(default=10, metadata=_range(1))
+    margin_start: float = field(default=0.1, metadata=bounds(0.0, lo_open=True))
+    margin_end: float = field(default=1.0, metadata=bounds(0.0, lo_open=True))
+    margin_epochs: int = field(default=10, metadata=bounds(1))
 
 
 @dataclass
 class OptimConfig:
-    lr: float = field(default=3.0e-4, metadata=_range(0.0, 10.0, lo_open=True))
-    weight_decay: float = field(default=0.0, metadata=_range(0.0))
-    plateau_factor: float = field(default=0.1, metadata=_range(0.0, 1.0, lo_open=True, hi_open=True))
-    plateau_patience: int = field(default=2, metadata=_range(0))
+    lr: float = field(default=3.0e-4, metadata=bounds(0.0, 10.0, lo_open=True))
+    weight_decay: float = field(default=0.0, metadata=bounds(0.0))
+    plateau_factor: float = field(default=0.1, metadata=bounds(0.0, 1.0, lo_open=True, hi_open=True))
+    plateau_patience: int = field(default=2, metadata=bounds(0))
 
 
 @dataclass
 class TrainConfig:
-    max_epochs: int = field(default=50, metadata=_range(1))
-    steps_per_epoch: int | None = field(default=None, metadata=_range(1))  # None: a full pass over the shards
-    grad_accum_steps: int = field(default=1, metadata=_range(1))
+    max_epochs: int = field(default=50, metadata=bounds(1))
+    steps_per_epoch: int | None = field(default=None, metadata=bounds(1))  # None: a full pass over the shards
+    grad_accum_steps: int = field(default=1, metadata=bounds(1))
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # auto: the launch config decides
     compile: bool = False
-    early_stop_patience: int = field(default=5, metadata=_range(1))
-    early_stop_min_delta: float = field(default=0.0, metadata=_range(0.0))
-    max_nonfinite_steps: int = field(default=5, metadata=_range(1))  # in a row, then all ranks stop
-    collective_timeout_s: int = field(default=1800, metadata=_range(10))  # a dead rank ends the run after this
+    early_stop_patience: int = field(default=5, metadata=bounds(1))
+    early_stop_min_delta: float = field(default=0.0, metadata=bounds(0.0))
+    max_nonfinite_steps: int = field(default=5, metadata=bounds(1))  # in a row, then all ranks stop
+    collective_timeout_s: int = field(default=1800, metadata=bounds(10))  # a dead rank ends the run after this
 
 
 @dataclass
 class CheckpointConfig:
-    every_n_steps: int = field(default=0, metadata=_range(0))  # 0: once per epoch only
-    keep: int = field(default=2, metadata=_range(2))
+    every_n_steps: int = field(default=0, metadata=bounds(0))  # 0: once per epoch only
+    keep: int = field(default=2, metadata=bounds(2))
 
 
 @dataclass
 class LogConfig:
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: WANDB_MODE, else by API key
     wandb_project: str = "imret"
-    every_n_steps: int = field(default=20, metadata=_range(1))
+    every_n_steps: int = field(default=20, metadata=bounds(1))
 
 
 @dataclass
@@ -164,6 +164,16 @@ def _check_value(where: str, value: Any, hint: Any) -> Any:
             return None
         (inner,) = [opt for opt in options if opt is not type(None)]
         return _check_value(where, value, inner)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise RecipeError(f"{where}: expected a list, got {value!r}")
+        return [_check_value(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        key_type, item = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a mapping, got {value!r}")
+        return {_check_value(f"{where} key", k, key_type): _check_value(f"{where}.{k}", v, item) for k, v in value.items()}
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
@@ -227,8 +237,8 @@ def _hints(section_cls: type) -> dict[str, Any]:
     return typing.get_type_hints(section_cls)
 
 
-def _set_field(recipe: Recipe, section: str, key: str, value: Any, *, from_text: bool = False) -> None:
-    sections = _fields(Recipe)
+def _set_field(recipe: Any, section: str, key: str, value: Any, *, from_text: bool = False) -> None:
+    sections = _fields(type(recipe))
     if section not in sections:
         raise RecipeError(f"unknown section '{section}'{_did_you_mean(section, sections)}")
     section_obj = getattr(recipe, section)
@@ -269,15 +279,16 @@ def _from_text(where: str, text: str, hint: Any) -> Any:
 # ---------------------------------------------------------------- loading
 
 
-def recipe_from_dict(data: Any) -> Recipe:
+def recipe_from_dict(data: Any, root: type = Recipe) -> Any:
+    """A root dataclass of sections (a Recipe by default) from parsed YAML, checked key by key."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise RecipeError("a recipe is a mapping of sections (run, data, augment, ...)")
-    recipe = Recipe()
+        raise RecipeError(f"a recipe is a mapping of sections ({', '.join(_fields(root))})")
+    recipe = root()
     for section, values in data.items():
-        if section not in _fields(Recipe):
-            raise RecipeError(f"unknown section '{section}'{_did_you_mean(section, _fields(Recipe))}")
+        if section not in _fields(root):
+            raise RecipeError(f"unknown section '{section}'{_did_you_mean(section, _fields(root))}")
         if not isinstance(values, dict):
             raise RecipeError(f"section '{section}' must be a mapping of keys, got {values!r}")
         for key, value in values.items():
@@ -285,7 +296,7 @@ def recipe_from_dict(data: Any) -> Recipe:
     return recipe
 
 
-def apply_overrides(recipe: Recipe, overrides: typing.Sequence[str]) -> Recipe:
+def apply_overrides(recipe: Any, overrides: typing.Sequence[str]) -> Any:
     for item in overrides:
         name, sep, text = item.partition("=")
         section, dot, key = name.strip().partition(".")
@@ -295,16 +306,17 @@ def apply_overrides(recipe: Recipe, overrides: typing.Sequence[str]) -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (), root: type = Recipe) -> Any:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
     try:
-        recipe = recipe_from_dict(parse_yaml(text))
+        recipe = recipe_from_dict(parse_yaml(text), root)
         apply_overrides(recipe, overrides)
-        check_consistency(recipe)
+        if root is Recipe:
+            check_consistency(recipe)
     except RecipeError as exc:
         raise RecipeError(f"{path}: {exc}") from None
     return recipe

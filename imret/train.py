@@ -98,13 +98,13 @@ def train(recipe: Recipe, debug: bool = False) -> Path:
         shutil.rmtree(run_dir)  # a debug run always starts fresh
     accelerator.wait_for_everyone()
     run_dir.mkdir(parents=True, exist_ok=True)
-    monitor = Monitor(accelerator, recipe, run_dir, mode)
     progress = resume(accelerator, model, optimizer, scheduler, run_dir, recipe)
-    if progress.global_step:
-        monitor.truncate_after(progress.global_step)
     if progress.finished:
         log.info("%s already finished (epoch %d); its model is in %s", run_dir, progress.epoch, run_dir / "model")
         return run_dir
+    monitor = Monitor(accelerator, recipe, run_dir, mode)
+    if progress.global_step:
+        monitor.truncate_after(progress.global_step)
 
     if progress.global_step == 0:  # the untrained model: where the curves start, what training must beat
         metrics, _ = evaluate(task, accelerator, model, val_loader, eval_augment, 0, DEBUG_VAL_BATCHES if debug else None)
@@ -178,8 +178,8 @@ def train(recipe: Recipe, debug: bool = False) -> Path:
             if metrics["loss"] < progress.best_loss - recipe.train.early_stop_min_delta:
                 progress.best_loss, progress.bad_epochs = metrics["loss"], 0
                 if main:
-                    export_model(accelerator.unwrap_model(model), task, recipe, manifest, metrics, progress, run_dir)
-                    draw_figure(task, accelerator.unwrap_model(model), figure_batch, run_dir, monitor, progress)
+                    export_model(bare(accelerator, model), task, recipe, manifest, metrics, progress, run_dir)
+                    draw_figure(task, bare(accelerator, model), figure_batch, run_dir, monitor, progress)
             else:
                 progress.bad_epochs += 1
             early_stop = progress.bad_epochs >= recipe.train.early_stop_patience
@@ -264,6 +264,11 @@ class StopSignal:
         signal.signal(signal.SIGTERM, self.previous)
 
 
+def bare(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The model without its DDP and torch.compile wrappers: state-dict keys as the model defines them."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 def agree(accelerator: Accelerator, *flags: bool) -> list[bool]:
     """True on every rank when true on any: one all-reduce for all flags."""
     values = torch.tensor([float(flag) for flag in flags], device=accelerator.device)
@@ -292,14 +297,14 @@ def sync_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
     """DDP broadcasts buffers (BatchNorm statistics) from rank 0 only at the start of a forward pass, so after
     the last step of an epoch each rank holds its own: send rank 0's before validating and saving."""
     if accelerator.num_processes > 1:
-        for buffer in accelerator.unwrap_model(model).buffers():
+        for buffer in bare(accelerator, model).buffers():
             torch.distributed.broadcast(buffer, src=0)
 
 
 def check_ranks_agree(accelerator: Accelerator, model: torch.nn.Module, progress: Progress) -> None:
     """DDP keeps replicas identical; prove it at the end: every rank ran the same steps to the same weights."""
     digest = hashlib.sha256()
-    for tensor in accelerator.unwrap_model(model).state_dict().values():
+    for tensor in bare(accelerator, model).state_dict().values():
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     reports = gather_object([(progress.global_step, digest.hexdigest()[:16])])
     if len(set(reports)) > 1:
@@ -348,7 +353,7 @@ def evaluate(task: Task, accelerator: Accelerator, model: torch.nn.Module, loade
              augment: DeviceAugment, epoch: int, max_batches: int | None) -> tuple[dict[str, float], Any]:  # fmt: skip
     """Each rank scores its own validation shards (uneven counts are fine: no collective inside the loop, and
     the unwrapped model, so DDP does not broadcast buffers), then one gather brings every output to every rank."""
-    net = accelerator.unwrap_model(model)
+    net = bare(accelerator, model)
     net.eval()
     outputs: dict[str, list[np.ndarray]] = {}
     figure_batch = None
@@ -387,7 +392,7 @@ def export_model(net: torch.nn.Module, task: Task, recipe: Recipe, manifest: dic
         "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "zero_background": recipe.data.zero_background,
         "embedding": {"layer": net.embedding, "dim": task.embedding_dim},
-        "initialisation": task.initialisation, "epoch": progress.epoch, "step": progress.global_step,
+        "initialisation": task.initialisation, "epoch": progress.epoch + 1, "step": progress.global_step,  # epochs completed
         "val": metrics, "shards": {"dir": recipe.data.shards, "manifest_hash": manifest_hash(manifest)},
         "recipe": recipe_to_dict(recipe), **task.export_meta(metrics),
     }  # fmt: skip
@@ -424,7 +429,7 @@ def save_checkpoint(accelerator: Accelerator, model, optimizer, scheduler, progr
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        state = {"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+        state = {"model": bare(accelerator, model).state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler, "progress": dataclasses.asdict(progress),
                  "recipe": json.dumps(recipe_to_dict(recipe))}  # fmt: skip
         checkpoint.finish_checkpoint(directory, stage, state, progress.global_step, recipe.checkpoint.keep)
@@ -436,7 +441,7 @@ def resume(accelerator: Accelerator, model, optimizer, scheduler, run_dir: Path,
     if latest is None:
         return Progress()
     state, rng = checkpoint.load_checkpoint(latest, accelerator.process_index)
-    accelerator.unwrap_model(model).load_state_dict(state["model"])
+    bare(accelerator, model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if accelerator.scaler is not None and state["scaler"] is not None:

@@ -34,6 +34,6 @@ def train_shards(tmp_path_factory) -> Path:
 def tiny_recipe_overrides(shards: Path, run_dir: Path, name: str = "t") -> list[str]:
     """A CPU-sized recipe: 32 px, the small CNN, two short epochs, no W&B."""
     return [f"data.shards={shards}", "data.image_size=32", "data.load_size=32", "data.batch_size_per_device=32",
-            "data.workers=0", "data.shuffle_buffer=64", "model.backbone=small-cnn", "optim.lr=1e-3",
+            "data.workers=0", "data.shuffle_buffer=64", "model.backbone=small-cnn", "optim.lr=0.001",
             "train.max_epochs=2", "log.wandb_mode=disabled", "log.every_n_steps=1", f"run.dir={run_dir}",
             f"run.name={name}"]

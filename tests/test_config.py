@@ -155,6 +155,12 @@ def test_recipe_show_prints_and_fails_with_one_line(tmp_path, capsys):
     assert len(err) == 1 and "did you mean 'lr'" in err[0]
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_every_shipped_recipe_loads(path):
-    load_recipe(path)
+    from imret.study import load_study
+
+    load_study(path) if path.name == "study.yaml" else load_recipe(path)
+
+
+def test_recipes_are_shipped():
+    assert len(RECIPES) >= 10

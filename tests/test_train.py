@@ -18,7 +18,7 @@ from imret.config import load_recipe
 from imret.errors import ImretError
 from imret.train import Terminated, train
 
-RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted(p for p in (Path(__file__).parents[1] / "recipes").glob("*.yaml") if p.name != "study.yaml")
 
 
 def recipe(tmp_path, shards, name="t", extra=()):

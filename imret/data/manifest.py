@@ -35,11 +35,6 @@ def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def shard_paths(shard_dir: str | Path, manifest: dict[str, Any], split: str) -> list[tuple[Path, int]]:
-    """(path, sample count) of each shard of a split, in manifest order."""
-    return [(Path(shard_dir) / s["file"], int(s["samples"])) for s in manifest["splits"][split]["shards"]]
-
-
 def manifest_hash(manifest: dict[str, Any]) -> str:
     """Identifies the data a model saw or a gallery holds: the shard checksums and the classes."""
     content = {"classes": manifest["classes"], "shards": {s: manifest["splits"][s]["shards"] for s in SPLITS}}

@@ -27,7 +27,7 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from imret.data.manifest import load_manifest, shard_paths
+from imret.data.manifest import load_manifest
 from imret.errors import DataError
 
 log = logging.getLogger("imret.data")
@@ -112,6 +112,11 @@ def shuffled(samples: Iterator[Any], buffer: int, rng: random.Random) -> Iterato
     yield from pool
 
 
+def shard_files(shard_dir: str | Path, manifest: dict[str, Any], split: str) -> list[tuple[Path, int, int]]:
+    """(path, samples, bytes) of each shard of a split, in manifest order."""
+    return [(Path(shard_dir) / s["file"], int(s["samples"]), int(s["bytes"])) for s in manifest["splits"][split]["shards"]]
+
+
 def _seed(*parts: int) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
@@ -123,8 +128,7 @@ class ShardStream(IterableDataset):
                  training: bool, seed: int = 0, shuffle_buffer: int = 0, with_masks: bool = False,
                  max_bad_fraction: float = 0.0):  # fmt: skip
         self.manifest = load_manifest(shard_dir)
-        self.shards = [(path, n, s["bytes"]) for (path, n), s in
-                       zip(shard_paths(shard_dir, self.manifest, split), self.manifest["splits"][split]["shards"])]  # fmt: skip
+        self.shards = shard_files(shard_dir, self.manifest, split)
         self.split, self.size, self.rank, self.world = split, size, rank, world
         self.workers, self.training, self.seed = max(1, workers), training, seed
         self.shuffle_buffer, self.with_masks, self.max_bad_fraction = shuffle_buffer, with_masks, max_bad_fraction
@@ -153,19 +157,49 @@ class ShardStream(IterableDataset):
         return samples
 
     def _decoded(self, shards: list[tuple[Path, int, int]], allowed: int) -> Iterator[dict[str, Any]]:
-        bad = 0
-        for path, samples, size in shards:
-            for raw in read_shard(path, samples, size):
-                try:
-                    yield decode_sample(raw, self.size, self.num_classes, self.with_masks)
-                except (BadSample, OSError, ValueError, KeyError, TypeError, UnidentifiedImageError) as exc:
-                    bad += 1
-                    log.warning("skipping corrupt sample %s in %s: %s", raw.get("__key__"), path.name, exc)
-                    if bad > allowed:
-                        raise DataError(
-                            f"{bad} corrupt samples in this worker's shards, more than data.max_bad_fraction "
-                            f"({self.max_bad_fraction}) allows; last: {raw.get('__key__')} in {path}: {exc}"
-                        ) from None
+        return decoded_samples(shards, self.size, self.num_classes, self.with_masks, allowed, self.max_bad_fraction)
+
+
+def decoded_samples(shards: list[tuple[Path, int, int]], size: int, num_classes: int, with_masks: bool,
+                    allowed_bad: int, max_bad_fraction: float) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """Decoded samples of (path, samples, bytes) shards in order; corrupt ones skipped and counted."""
+    bad = 0
+    for path, samples, nbytes in shards:
+        for raw in read_shard(path, samples, nbytes):
+            try:
+                yield decode_sample(raw, size, num_classes, with_masks)
+            except (BadSample, OSError, ValueError, KeyError, TypeError, UnidentifiedImageError) as exc:
+                bad += 1
+                log.warning("skipping corrupt sample %s in %s: %s", raw.get("__key__"), path.name, exc)
+                if bad > allowed_bad:
+                    raise DataError(
+                        f"{bad} corrupt samples in this worker's shards, more than data.max_bad_fraction "
+                        f"({max_bad_fraction}) allows; last: {raw.get('__key__')} in {path}: {exc}"
+                    ) from None
+
+
+class OneShard(IterableDataset):
+    """Every decodable sample of one shard, in order (the embedding job works shard by shard)."""
+
+    def __init__(self, shard: tuple[Path, int, int], size: int, num_classes: int, with_masks: bool = False):
+        self.shard, self.size, self.num_classes, self.with_masks = shard, size, num_classes, with_masks
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return decoded_samples([self.shard], self.size, self.num_classes, self.with_masks, self.shard[1], 1.0)
+
+
+def fetch_images(shard_dir: str | Path, split: str, keys: set[str], size: int) -> dict[str, np.ndarray]:
+    """Decoded images [size, size, 3] of the given keys, for figures: a scan of the split's shards."""
+    manifest = load_manifest(shard_dir)
+    found: dict[str, np.ndarray] = {}
+    for path, samples, nbytes in shard_files(shard_dir, manifest, split):
+        for raw in read_shard(path, samples, nbytes):
+            if raw["__key__"] in keys:
+                ext = next(e for e in IMAGE_EXTS if e in raw)
+                found[raw["__key__"]] = decode_image(raw[ext], size).permute(1, 2, 0).numpy()
+        if len(found) == len(keys):
+            break
+    return found
 
 
 class ShardLoader:

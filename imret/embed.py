@@ -1,0 +1,231 @@
+"""`imret embed RUN_DIR --shards DIR --split train|val`: the sharded embedding job (also under accelerate launch).
+
+Each rank embeds every world-th shard of the split, one part file per shard, written atomically; a rerun
+skips finished parts (and redoes them all when the model, the shards or the masking changed). Rank 0 then
+merges the parts, in manifest order, into `embeddings.npy`, `keys.json`, `labels.npy` and, last,
+`meta.json`. The layer is the one the model declared. `--mask-with SEG_RUN` zeroes the background with the
+U-Net's predicted mask first, as the study did.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from imret.config import AugmentConfig, recipe_from_dict
+from imret.data.augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, denormalise
+from imret.data.manifest import load_manifest, manifest_hash, sha256_file, write_json_atomic
+from imret.data.shards import OneShard, shard_files
+from imret.errors import ImretError
+from imret.models import RetrievalNet, initialise_trunk, make_backbone
+
+log = logging.getLogger("imret.embed")
+IMAGENET_BASELINE = "imagenet-resnet18"  # the study's untrained ImageNet ResNet18, pooled features at 224 px
+
+
+def load_model(source: str) -> tuple[nn.Module, dict[str, Any]]:
+    """A run directory's exported model (or the ImageNet baseline), in eval mode, with its meta."""
+    if source == IMAGENET_BASELINE:
+        trunk, features = make_backbone("resnet18")
+        origin = initialise_trunk(trunk, "resnet18", "imagenet", None)
+        meta = {"task": "none", "backbone": "resnet18", "image_size": 224, "load_size": 224,
+                "embedding": {"layer": "pooled", "dim": features}, "initialisation": f"{origin}, not trained",
+                "weights_sha256": "imagenet"}  # fmt: skip
+        return RetrievalNet(trunk, nn.Identity(), embedding="pooled").eval(), meta
+    from imret.tasks import make_task
+
+    model_dir = Path(source) / "model"
+    if not (model_dir / "meta.json").is_file() or not (model_dir / "weights.pt").is_file():
+        raise ImretError(f"{source}: no exported model (model/meta.json and model/weights.pt); train it first")
+    meta = json.loads((model_dir / "meta.json").read_text())
+    recipe = recipe_from_dict(meta["recipe"])
+    recipe.model.init, recipe.model.weights = "scratch", None  # the trained weights come next
+    net = make_task(recipe, meta["classes"]).build_model()
+    net.load_state_dict(torch.load(model_dir / "weights.pt", map_location="cpu", weights_only=True))
+    meta["weights_sha256"] = sha256_file(model_dir / "weights.pt")
+    return net.eval(), meta
+
+
+class Embedder(nn.Module):
+    """uint8 batch -> the model's declared embedding; with masks, the background is zeroed first."""
+
+    def __init__(self, net: nn.Module, meta: dict[str, Any]):
+        super().__init__()
+        self.net = net
+        self.augment = DeviceAugment(AugmentConfig(), meta["image_size"], meta["load_size"], training=False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        x, _ = self.augment(images)
+        if masks is not None:
+            x = (denormalise(x) * masks.to(x.device, x.dtype)[:, None] - self.mean) / self.std
+        return self.net.embed(x).float()
+
+
+class Masker(nn.Module):
+    """The U-Net's apparel mask (probability > 0.5) of what the embedding model sees, at its size."""
+
+    def __init__(self, seg: nn.Module, seg_meta: dict[str, Any], meta: dict[str, Any]):
+        super().__init__()
+        self.seg, self.seg_size = seg, seg_meta["image_size"]
+        self.augment = DeviceAugment(AugmentConfig(), meta["image_size"], meta["load_size"], training=False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x, _ = self.augment(images)
+        seg_in = F.interpolate(x, size=(self.seg_size, self.seg_size), mode="bilinear", align_corners=False)
+        mask = (torch.sigmoid(self.seg(seg_in).float()) > 0.5).float()
+        return F.interpolate(mask, size=x.shape[-2:], mode="nearest")[:, 0].to(torch.uint8)
+
+
+def shard_masks(masker: Masker, shard: tuple[Path, int, int], cache: Path, load_size: int, classes: int,
+                device: torch.device, batch_size: int) -> np.ndarray:  # fmt: skip
+    """Predicted masks of one shard's samples, in order, cached under the segmentation run: every compared
+    model that sees the same crop reuses them instead of running the U-Net again."""
+    path = cache / f"{shard[0].stem}.npy"
+    if path.is_file():
+        return np.load(path)
+    masks = [masker(batch["image"].to(device)).cpu().numpy()
+             for batch in DataLoader(OneShard(shard, load_size, classes), batch_size=batch_size)]  # fmt: skip
+    array = np.concatenate(masks) if masks else np.zeros((0, 1, 1), np.uint8)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / f".{path.stem}.tmp.npy"
+    np.save(tmp, array)
+    os.replace(tmp, path)
+    return array
+
+
+def job_fingerprint(source: str, meta: dict, seg_source: str | None, seg_meta: dict | None, manifest: dict, split: str) -> dict:
+    return {"model": str(source), "weights_sha256": meta["weights_sha256"], "layer": meta["embedding"]["layer"],
+            "mask_with": str(seg_source) if seg_source else None,
+            "mask_weights_sha256": seg_meta["weights_sha256"] if seg_meta else None,
+            "shards_manifest_hash": manifest_hash(manifest), "split": split}  # fmt: skip
+
+
+def default_out(source: str, split: str, mask_with: str | None) -> Path:
+    base = Path("runs") / IMAGENET_BASELINE if source == IMAGENET_BASELINE else Path(source)
+    return base / "embeddings" / (f"{split}-masked-{Path(mask_with).name}" if mask_with else split)
+
+
+def embedding_complete(out: Path, fingerprint: dict) -> bool:
+    meta_path = Path(out) / "meta.json"
+    return meta_path.is_file() and json.loads(meta_path.read_text()).get("job") == fingerprint
+
+
+def embed(source: str, shards: str | Path, split: str, mask_with: str | None = None, out: str | Path | None = None,
+          batch_size: int = 128, workers: int = 2) -> Path:  # fmt: skip
+    # PartialState, not an Accelerator: a study may already hold one with another mixed-precision setting
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    bf16 = state.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    net, meta = load_model(source)
+    seg, seg_meta = load_model(mask_with) if mask_with else (None, None)
+    if seg_meta is not None and seg_meta["task"] != "segmentation":
+        raise ImretError(f"--mask-with {mask_with}: a {seg_meta['task']} model, not a segmentation one")
+    manifest = load_manifest(shards)
+    fingerprint = job_fingerprint(source, meta, mask_with, seg_meta, manifest, split)
+    out = Path(out) if out else default_out(source, split, mask_with)
+    if embedding_complete(out, fingerprint):
+        if state.is_main_process:
+            log.info("%s is complete for this model and these shards: nothing to do", out)
+        return out
+
+    parts = out / "parts"
+    if state.is_main_process:
+        job_path = out / "job.json"
+        if job_path.is_file() and json.loads(job_path.read_text()) != fingerprint:
+            shutil.rmtree(out)  # parts of another model or other shards must not be merged in
+        parts.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(job_path, fingerprint)
+    state.wait_for_everyone()
+
+    embedder = Embedder(net, meta).to(state.device)
+    masker = Masker(seg, seg_meta, meta).to(state.device) if seg is not None else None
+    mask_cache = (Path(mask_with) / "masks" / f"{split}-{meta['load_size']}-{meta['image_size']}-"
+                  f"{seg_meta['weights_sha256'][:12]}-{manifest_hash(manifest)}") if seg is not None else None  # fmt: skip
+    files = shard_files(shards, manifest, split)
+    mine = files[state.process_index :: state.num_processes]
+    classes = len(manifest["classes"])
+    todo = [f for f in mine if not (parts / f"{f[0].stem}.npz").is_file()]
+    bar = tqdm(total=sum(f[1] for f in todo), desc=f"embed {split}", unit="img", disable=not state.is_local_main_process)
+    start = time.perf_counter()
+    for shard in todo:
+        masks = shard_masks(masker, shard, mask_cache, meta["load_size"], classes, state.device, batch_size) if masker else None
+        loader = DataLoader(OneShard(shard, meta["load_size"], classes), batch_size=batch_size, num_workers=min(workers, 1),
+                            pin_memory=state.device.type == "cuda")  # fmt: skip
+        keys, labels, vectors = [], [], []
+        for batch in loader:
+            batch_masks = torch.from_numpy(masks[len(keys) : len(keys) + len(batch["key"])]) if masks is not None else None
+            with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=bf16):
+                vectors.append(embedder(batch["image"].to(state.device, non_blocking=True), batch_masks).cpu().numpy())
+            keys += batch["key"]
+            labels.append(batch["labels"].numpy().astype(np.uint8))
+            bar.update(len(batch["key"]))
+            bar.set_postfix(img_s=f"{bar.n / (time.perf_counter() - start):.0f}")
+        write_part(parts / f"{shard[0].stem}.npz", keys, labels, vectors, meta["embedding"]["dim"], classes)
+    bar.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merge_parts(out, [parts / f"{f[0].stem}.npz" for f in files], meta, fingerprint, manifest, split)
+    state.wait_for_everyone()
+    return out
+
+
+def write_part(path: Path, keys: list[str], labels: list[np.ndarray], vectors: list[np.ndarray], dim: int, classes: int) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, keys=np.array(keys, dtype=object).astype(str),
+             labels=np.concatenate(labels) if labels else np.zeros((0, classes), np.uint8),
+             embeddings=np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32))  # fmt: skip
+    os.replace(tmp, path)
+
+
+def merge_parts(out: Path, part_paths: list[Path], meta: dict, fingerprint: dict, manifest: dict, split: str) -> None:
+    keys, labels, vectors = [], [], []
+    for path in part_paths:
+        with np.load(path, allow_pickle=False) as part:
+            keys += part["keys"].tolist()
+            labels.append(part["labels"])
+            vectors.append(part["embeddings"])
+    if len(set(keys)) != len(keys):
+        raise ImretError(f"{out}: a sample was embedded twice; delete {out} and run again")
+    expected = manifest["splits"][split]["samples"]
+    if len(keys) != expected:
+        log.warning("%s: %d of %d samples embedded (the rest failed to decode; see the warnings above)", out, len(keys), expected)
+    np.save(out / "embeddings.npy", np.concatenate(vectors).astype(np.float32))
+    np.save(out / "labels.npy", np.concatenate(labels))
+    write_json_atomic(out / "keys.json", keys)
+    write_json_atomic(out / "meta.json", {
+        "model": fingerprint["model"], "task": meta["task"], "layer": meta["embedding"]["layer"],
+        "dim": meta["embedding"]["dim"], "count": len(keys), "split": split, "mask_with": fingerprint["mask_with"],
+        "initialisation": meta["initialisation"], "classes": manifest["classes"],
+        "shards_manifest_hash": fingerprint["shards_manifest_hash"], "job": fingerprint,
+    })  # fmt: skip
+    log.info("%s: %d embeddings of dimension %d (%s layer)", out, len(keys), meta["embedding"]["dim"], meta["embedding"]["layer"])
+
+
+def load_embeddings(directory: str | Path) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, Any]]:
+    directory = Path(directory)
+    if not (directory / "meta.json").is_file():
+        raise ImretError(f"{directory}: no complete embeddings (meta.json is written last); run imret embed")
+    meta = json.loads((directory / "meta.json").read_text())
+    embeddings = np.load(directory / "embeddings.npy")
+    labels = np.load(directory / "labels.npy")
+    keys = json.loads((directory / "keys.json").read_text())
+    if not len(embeddings) == len(labels) == len(keys) == meta["count"]:
+        raise ImretError(f"{directory}: embeddings, labels and keys disagree on the count; run imret embed again")
+    return embeddings, labels, keys, meta

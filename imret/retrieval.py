@@ -1,0 +1,181 @@
+"""Retrieval: the FAISS index (build, save, load, search) and the scores of a retrieval.
+
+Pure scoring functions take numpy arrays; `search` is exact L2 unless the index says otherwise. On the CPU,
+FAISS scans query by query below `distance_compute_blas_threshold` queries (a trap for the 500-query
+evaluation: slower than one matrix product), so imret lowers that threshold and sends queries in batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imret.errors import ImretError
+from imret.metrics import label_iou
+
+RELEVANT_IOU = 0.5
+PQ_MIN_TRAIN = 39 * 256  # a retrieved image is relevant when its label IoU with the query reaches this
+
+
+def _faiss():
+    import faiss
+
+    faiss.cvar.distance_compute_blas_threshold = 1  # always the BLAS path on the CPU
+    return faiss
+
+
+def gpu_count() -> int:
+    faiss = _faiss()
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def build_index(embeddings: np.ndarray, kind: str = "flat", device: str = "auto", nlist: int | None = None,
+                pq_m: int | None = None) -> Any:  # fmt: skip
+    """Exact IndexFlatL2 (default) or IVF-PQ, on every GPU (sharded) when FAISS has GPU support and
+    device allows, else on the CPU."""
+    faiss = _faiss()
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    n, dim = x.shape
+    if kind == "flat":
+        index = faiss.IndexFlatL2(dim)
+    elif kind == "ivfpq":
+        if n < PQ_MIN_TRAIN:  # 39 points for each of the 256 centroids of every 8-bit PQ codebook
+            raise ImretError(f"ivfpq needs at least {PQ_MIN_TRAIN} embeddings to train, got {n}; use --kind flat "
+                             f"(exact search is fast at this size)")  # fmt: skip
+        nlist = nlist or max(1, min(4096, int(4 * np.sqrt(n)), n // 39))
+        pq_m = pq_m or max(m for m in (1, 2, 4, 8, 16, 32, 64) if dim % m == 0 and m <= max(1, dim // 2))
+        index = faiss.IndexIVFPQ(faiss.IndexFlatL2(dim), dim, nlist, pq_m, 8)
+        index.nprobe = min(nlist, 16)
+    else:
+        raise ImretError(f"unknown index kind '{kind}': flat or ivfpq")
+    gpus = gpu_count()
+    if device == "gpu" and gpus == 0:
+        raise ImretError("--device gpu: this FAISS has no GPU support or sees no GPU (pip install -e '.[gpu]')")
+    if device in ("auto", "gpu") and gpus > 0:
+        options = faiss.GpuMultipleClonerOptions()
+        options.shard = True  # split the gallery across GPUs rather than copying it to each
+        index = faiss.index_cpu_to_all_gpus(index, co=options)
+    if kind == "ivfpq":
+        index.train(x)
+    index.add(x)
+    return index
+
+
+def search(index: Any, queries: np.ndarray, k: int, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(squared L2 distances [Q, k], gallery indices [Q, k]), nearest first."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    parts = [index.search(q[i : i + batch], k) for i in range(0, len(q), batch)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def exact_neighbours(gallery_emb: np.ndarray, query_emb: np.ndarray, k: int) -> np.ndarray:
+    index = build_index(gallery_emb, "flat", device="auto")
+    return search(index, query_emb, k)[1]
+
+
+# ---------------------------------------------------------------- saving and loading
+
+
+def save_index(index: Any, path: str | Path, sidecar: dict[str, Any]) -> None:
+    """Write to a temporary name (a GPU index moves to the CPU first), read it back to check it (write_index
+    to a full disk may only print an error), then rename; the sidecar JSON describes what it indexes."""
+    faiss = _faiss()
+    path = Path(path)
+    if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
+        index = faiss.index_gpu_to_cpu(index)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        faiss.write_index(index, str(tmp))
+        check = faiss.read_index(str(tmp))
+    except RuntimeError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ImretError(f"writing {path} failed: {str(exc).splitlines()[0]}") from None
+    if check.ntotal != index.ntotal or check.d != index.d:
+        tmp.unlink(missing_ok=True)
+        raise ImretError(f"writing {path}: read back {check.ntotal} x {check.d}, wrote {index.ntotal} x {index.d}")
+    meta = {**sidecar, "dim": int(index.d), "count": int(index.ntotal), "bytes": tmp.stat().st_size}
+    os.replace(tmp, path)
+    sidecar_tmp = path.with_name(f".{path.name}.json.tmp")
+    sidecar_tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(sidecar_tmp, path.with_name(f"{path.name}.json"))
+
+
+def load_index(path: str | Path, expect: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Read an index and its sidecar; refuse one whose size, dimension or model does not match."""
+    faiss = _faiss()
+    path = Path(path)
+    sidecar_path = path.with_name(f"{path.name}.json")
+    if not path.is_file() or not sidecar_path.is_file():
+        raise ImretError(f"{path}: no index with a sidecar {sidecar_path.name} here (imret index build)")
+    sidecar = json.loads(sidecar_path.read_text())
+    if path.stat().st_size != sidecar.get("bytes"):
+        raise ImretError(f"{path}: {path.stat().st_size} bytes, its sidecar says {sidecar.get('bytes')} (truncated?)")
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as exc:
+        raise ImretError(f"{path}: unreadable index ({str(exc).splitlines()[0]})") from None
+    for key, value in (expect or {}).items():
+        if sidecar.get(key) != value:
+            raise ImretError(f"{path}: built for {key}={sidecar.get(key)!r}, expected {value!r}")
+    if index.d != sidecar["dim"] or index.ntotal != sidecar["count"]:
+        raise ImretError(f"{path}: holds {index.ntotal} x {index.d}, its sidecar says {sidecar['count']} x {sidecar['dim']}")
+    return index, sidecar
+
+
+# ---------------------------------------------------------------- scores (pure)
+
+
+def neighbour_iou(gallery_labels: np.ndarray, query_labels: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """[Q, k] label IoU between each query and each of its retrieved gallery items."""
+    return label_iou(np.asarray(query_labels)[:, None, :], np.asarray(gallery_labels)[neighbours])
+
+
+def retrieval_iou(gallery_emb: np.ndarray, gallery_labels: np.ndarray, query_emb: np.ndarray,
+                  query_labels: np.ndarray, k: int = 5) -> np.ndarray:  # fmt: skip
+    """Mean label IoU between each query and its k nearest gallery items by L2: [Q]."""
+    return neighbour_iou(gallery_labels, query_labels, exact_neighbours(gallery_emb, query_emb, k)).mean(1)
+
+
+def random_neighbours(gallery_size: int, queries: int, k: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.choice(gallery_size, size=k, replace=False) for _ in range(queries)])
+
+
+def random_baseline(gallery_labels: np.ndarray, query_labels: np.ndarray, k: int = 5, seed: int = 0) -> np.ndarray:
+    """Mean label IoU of k gallery items drawn at random (without replacement, from a seed) per query: [Q]."""
+    neighbours = random_neighbours(len(gallery_labels), len(query_labels), k, seed)
+    return neighbour_iou(gallery_labels, query_labels, neighbours).mean(1)
+
+
+def ideal_gains(gallery_labels: np.ndarray, query_labels: np.ndarray, k: int, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Per query: the k best IoUs anywhere in the gallery [Q, k], and how many gallery items are relevant [Q]."""
+    g = np.asarray(gallery_labels, dtype=np.float32)
+    g_count = g.sum(1)
+    best, relevant = [], []
+    for start in range(0, len(query_labels), chunk):
+        q = np.asarray(query_labels[start : start + chunk], dtype=np.float32)
+        inter = q @ g.T
+        union = q.sum(1)[:, None] + g_count[None, :] - inter
+        iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+        top = -np.partition(-iou, min(k, iou.shape[1]) - 1, axis=1)[:, :k]
+        best.append(np.sort(top, axis=1)[:, ::-1])
+        relevant.append((iou >= RELEVANT_IOU).sum(1))
+    return np.concatenate(best), np.concatenate(relevant)
+
+
+def ranking_scores(ious: np.ndarray, ideal: np.ndarray, relevant_total: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-query precision@k (relevant = IoU >= 0.5), AP@k (normalised by min(k, relevant in the gallery)) and
+    nDCG@k with the IoU as gain, from the IoUs of the retrieved items in rank order [Q, k]."""
+    k = ious.shape[1]
+    relevant = ious >= RELEVANT_IOU
+    precision_at = np.cumsum(relevant, axis=1) / np.arange(1, k + 1)
+    denominator = np.minimum(k, relevant_total)
+    ap = np.divide((precision_at * relevant).sum(1), denominator, out=np.zeros(len(ious)), where=denominator > 0)
+    discount = 1.0 / np.log2(np.arange(2, k + 2))
+    dcg, idcg = (ious * discount).sum(1), (ideal * discount).sum(1)
+    ndcg = np.divide(dcg, idcg, out=np.zeros(len(ious)), where=idcg > 0)
+    return {"precision": relevant.mean(1), "ap": ap, "ndcg": ndcg}

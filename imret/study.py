@@ -1,0 +1,274 @@
+"""`imret study RECIPE` and `imret demo`: every stage of the study, each skipped when its complete output exists.
+
+shards (built from `data.source` when missing) -> train each recipe (a finished run says so; a partial one
+resumes) -> embed every compared model, train split (gallery) and val split (queries), original and with the
+background zeroed by the segmentation run -> retrieval.json -> report.md. Under `accelerate launch` the
+training and embedding stages use every process; building, scoring and the report run on rank 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from imret.config import bounds, load_recipe
+from imret.data.manifest import write_json_atomic
+from imret.errors import ImretError
+
+log = logging.getLogger("imret.study")
+RANDOM = "random"
+VARIANTS = ("original", "masked")
+
+
+@dataclass
+class StudySection:
+    out: str = "studies/study"
+    queries: int = field(default=500, metadata=bounds(1))
+    k: int = field(default=5, metadata=bounds(1, 1000))
+    seed: int = 0
+    bootstrap_resamples: int = field(default=10_000, metadata=bounds(100))
+
+
+@dataclass
+class StudyData:
+    shards: str = "shards/imaterialist"
+    source: str | None = None  # built into `shards` when they are missing
+    format: Literal["folder", "imaterialist", "ccp"] = "folder"
+    max_side: int | None = field(default=None, metadata=bounds(16))
+    samples_per_shard: int = field(default=1000, metadata=bounds(1))
+    val_fraction: float = field(default=0.1, metadata=bounds(0.0, 1.0, lo_open=True, hi_open=True))
+    split_seed: int = 0
+
+
+@dataclass
+class StudyTrain:
+    recipes: list[str] = field(default_factory=list)  # trained in this order, each on data.shards
+    overrides: list[str] = field(default_factory=list)  # --set items applied to every recipe
+
+
+@dataclass
+class StudyCompare:
+    # row name -> a training recipe (its run is compared), a run directory, or imagenet-resnet18
+    models: dict[str, str] = field(default_factory=dict)
+    segmentation: str | None = None  # recipe or run directory of the U-Net that masks the background
+
+
+@dataclass
+class StudyRecipe:
+    study: StudySection = field(default_factory=StudySection)
+    data: StudyData = field(default_factory=StudyData)
+    train: StudyTrain = field(default_factory=StudyTrain)
+    compare: StudyCompare = field(default_factory=StudyCompare)
+
+
+def load_study(path: str | Path, overrides: list[str] = ()) -> StudyRecipe:
+    study = load_recipe(path, overrides, root=StudyRecipe)
+    if not study.compare.models:
+        raise ImretError(f"{path}: compare.models is empty: name at least one model to compare")
+    return study
+
+
+def training_recipe(path: str, study: StudyRecipe):
+    return load_recipe(path, [f"data.shards={study.data.shards}", *study.train.overrides])
+
+
+def resolve_run(entry: str, study: StudyRecipe) -> str:
+    """A recipe names its run directory; anything else is a run directory or the ImageNet baseline."""
+    return str(training_recipe(entry, study).run_dir) if entry.endswith((".yaml", ".yml")) else entry
+
+
+def run_study(study: StudyRecipe) -> Path:
+    from accelerate import PartialState
+
+    from imret.embed import IMAGENET_BASELINE, embed
+    from imret.train import train
+
+    state = PartialState()
+    out = Path(study.study.out)
+    ensure_shards(study, state)
+    for recipe_path in study.train.recipes:
+        log.info("stage train: %s", recipe_path)
+        train(training_recipe(recipe_path, study))
+
+    models, unavailable = {}, {}
+    for name, entry in study.compare.models.items():
+        source = resolve_run(entry, study)
+        if source == IMAGENET_BASELINE:
+            reason = imagenet_unavailable()
+            if reason:
+                unavailable[name] = reason
+                log.warning("model %s left out: %s", name, reason)
+                continue
+        models[name] = source
+    segmentation = resolve_run(study.compare.segmentation, study) if study.compare.segmentation else None
+
+    embeddings: dict[str, dict[str, dict[str, Path]]] = {}
+    for name, source in models.items():
+        embeddings[name] = {}
+        for variant in VARIANTS if segmentation else VARIANTS[:1]:
+            mask = segmentation if variant == "masked" else None
+            embeddings[name][variant] = {
+                split: embed(source, study.data.shards, split, mask_with=mask, out=out / "embeddings" / name / f"{variant}-{split}")
+                for split in ("train", "val")
+            }  # fmt: skip
+
+    if state.is_main_process:
+        evaluate_and_report(study, out, embeddings, models, segmentation, unavailable)
+    state.wait_for_everyone()
+    return out / "report.md"
+
+
+def ensure_shards(study: StudyRecipe, state) -> None:
+    from imret.data.build import build_shards
+
+    if (Path(study.data.shards) / "manifest.json").is_file():
+        return
+    if not study.data.source:
+        raise ImretError(f"{study.data.shards} has no finished shard build and data.source is not set")
+    if state.is_main_process:
+        log.info("stage shards: building %s from %s", study.data.shards, study.data.source)
+        d = study.data
+        build_shards(d.source, d.format, d.shards, val_fraction=d.val_fraction, seed=d.split_seed,
+                     samples_per_shard=d.samples_per_shard, max_side=d.max_side)  # fmt: skip
+    state.wait_for_everyone()
+
+
+def imagenet_unavailable() -> str | None:
+    from imret.models import imagenet_state_dict
+
+    try:
+        imagenet_state_dict("resnet18")
+    except ImretError as exc:
+        return str(exc).split(";")[0]
+    return None
+
+
+def evaluate_and_report(study: StudyRecipe, out: Path, embeddings: dict, models: dict[str, str],
+                        segmentation: str | None, unavailable: dict[str, str]) -> None:  # fmt: skip
+    from imret.report import write_report
+
+    fingerprint = stage_fingerprint(study, embeddings)
+    done = out / "retrieval.json"
+    if done.is_file() and (out / "report.md").is_file() and json.loads(done.read_text()).get("fingerprint") == fingerprint:
+        log.info("stages retrieval and report: complete for these embeddings, nothing to do (%s)", out / "report.md")
+        return
+    log.info("stage retrieval: scoring %d models on %d queries", len(models), study.study.queries)
+    results, details = score(study, embeddings)
+    results.update(fingerprint=fingerprint, unavailable=unavailable,
+                   models={name: describe_model(source, embeddings[name]) for name, source in models.items()},
+                   segmentation=segmentation, shards=study.data.shards)  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(done, results)
+    log.info("stage report: writing %s", out / "report.md")
+    write_report(out, results, details)
+    log.info("report: %s", (out / "report.md").resolve())
+
+
+def stage_fingerprint(study: StudyRecipe, embeddings: dict) -> str:
+    metas = {f"{name}/{variant}/{split}": json.loads((path / "meta.json").read_text())["job"]
+             for name, variants in embeddings.items() for variant, splits in variants.items()
+             for split, path in splits.items()}  # fmt: skip
+    settings = {"queries": study.study.queries, "k": study.study.k, "seed": study.study.seed,
+                "resamples": study.study.bootstrap_resamples}  # fmt: skip
+    return hashlib.sha256(json.dumps([metas, settings], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def describe_model(source: str, variants: dict) -> dict[str, Any]:
+    meta = json.loads((variants["original"]["train"] / "meta.json").read_text())
+    return {"run": source, "task": meta["task"], "layer": meta["layer"], "dim": meta["dim"],
+            "initialisation": meta["initialisation"]}  # fmt: skip
+
+
+def select_queries(keys: list[str], count: int, seed: int) -> list[str]:
+    """The query set: drawn once from the seed over the sorted validation keys, the same for every model and
+    both variants."""
+    ordered = sorted(keys)
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(ordered), size=min(count, len(ordered)), replace=False)
+    return [ordered[i] for i in sorted(chosen)]
+
+
+def score(study: StudyRecipe, embeddings: dict) -> tuple[dict[str, Any], dict[str, Any]]:
+    from imret.embed import load_embeddings
+    from imret.retrieval import exact_neighbours, ideal_gains, neighbour_iou, random_neighbours, ranking_scores
+    from imret.stats import holm, paired_test, summary
+
+    s = study.study
+    first = next(iter(embeddings.values()))["original"]
+    _, gallery_labels, gallery_keys, _ = load_embeddings(first["train"])
+    _, val_labels, val_keys, _ = load_embeddings(first["val"])
+    query_keys = select_queries(val_keys, s.queries, s.seed)
+    val_row = {key: i for i, key in enumerate(val_keys)}
+    query_labels = val_labels[[val_row[key] for key in query_keys]]
+    ideal, relevant_total = ideal_gains(gallery_labels, query_labels, s.k)
+
+    def scored(ious: np.ndarray) -> dict[str, Any]:
+        ranking = ranking_scores(ious, ideal, relevant_total)
+        per_query = ious.mean(1)
+        return {**summary(per_query, s.seed, s.bootstrap_resamples), "precision_at_k": float(ranking["precision"].mean()),
+                "map_at_k": float(ranking["ap"].mean()), "ndcg_at_k": float(ranking["ndcg"].mean())}, per_query  # fmt: skip
+
+    results: dict[str, Any] = {}
+    per_query: dict[tuple[str, str], np.ndarray] = {}
+    neighbours: dict[tuple[str, str], np.ndarray] = {}
+    for name, variants in embeddings.items():
+        results[name] = {}
+        for variant, splits in variants.items():
+            g_emb, g_labels, g_keys, _ = load_embeddings(splits["train"])
+            q_emb, _, q_keys, _ = load_embeddings(splits["val"])
+            if g_keys != gallery_keys:
+                raise ImretError(f"{splits['train']}: a different gallery from {first['train']}; embed again")
+            rows = {key: i for i, key in enumerate(q_keys)}
+            found = exact_neighbours(g_emb, q_emb[[rows[key] for key in query_keys]], s.k)
+            results[name][variant], per_query[name, variant] = scored(neighbour_iou(gallery_labels, query_labels, found))
+            neighbours[name, variant] = found
+    random_found = random_neighbours(len(gallery_labels), len(query_keys), s.k, s.seed)
+    results[RANDOM] = {}
+    results[RANDOM]["original"], per_query[RANDOM, "original"] = scored(neighbour_iou(gallery_labels, query_labels, random_found))
+
+    comparisons = []
+    for name in embeddings:
+        comparisons.append(("original", name, "original", RANDOM))
+        if "masked" in results[name]:
+            comparisons.append(("masked", name, "original", name))
+    rows = []
+    for variant, a, b_variant, b in comparisons:
+        test = paired_test(per_query[a, variant], per_query[b, b_variant])
+        rows.append({"a": f"{a}/{variant}", "b": f"{b}/{b_variant}", "test": "wilcoxon signed-rank", **test})
+    for row, adjusted in zip(rows, holm([r["p_value"] for r in rows])):
+        row["p_holm"] = adjusted
+    results_json = {"k": s.k, "queries": len(query_keys), "seed": s.seed, "query_keys": query_keys,
+                    "results": results, "comparisons": rows}  # fmt: skip
+    details = {"gallery_keys": gallery_keys, "query_keys": query_keys, "neighbours": neighbours,
+               "per_query": per_query, "gallery_labels": gallery_labels, "query_labels": query_labels}  # fmt: skip
+    return results_json, details
+
+
+# ---------------------------------------------------------------- demo
+
+
+def demo(out: str | Path = "demo") -> Path:
+    """The study on the embedded synthetic data with CPU-sized recipes, everything under OUT."""
+    from imret.data.synth import write_synth
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes" / "demo"
+    if not (recipes / "study.yaml").is_file():
+        raise ImretError(f"imret demo needs the recipes of a source checkout ({recipes} is missing)")
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    study = load_study(recipes / "study.yaml")
+    study.train.recipes = [str(recipes / Path(r).name) for r in study.train.recipes]
+    study.compare.models = {n: str(recipes / Path(e).name) if e.endswith(".yaml") else e for n, e in study.compare.models.items()}
+    if study.compare.segmentation:
+        study.compare.segmentation = str(recipes / Path(study.compare.segmentation).name)
+    if not (out / "data" / "labels.csv").is_file():
+        write_synth(out / "data", images=2000, size=96, seed=0, overwrite=True)
+    os.chdir(out)  # runs/, shards/ and the study land under OUT; recipes name their runs relative to it
+    return run_study(study).resolve()

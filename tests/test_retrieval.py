@@ -1,0 +1,129 @@
+"""Retrieval scores, statistics and the FAISS index against brute-force numpy and scipy."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy.stats import wilcoxon
+
+from imret.errors import ImretError
+from imret.retrieval import (build_index, ideal_gains, load_index, random_baseline, random_neighbours,
+                             ranking_scores, retrieval_iou, save_index, search)  # fmt: skip
+from imret.stats import holm, paired_test, summary
+from imret.study import select_queries
+
+
+def data(seed=0, n=300, q=40, dim=16, classes=8):
+    rng = np.random.default_rng(seed)
+    gallery = rng.normal(size=(n, dim)).astype(np.float32)
+    queries = rng.normal(size=(q, dim)).astype(np.float32)
+    g_labels = (rng.random((n, classes)) < 0.3).astype(np.uint8)
+    q_labels = (rng.random((q, classes)) < 0.3).astype(np.uint8)
+    return gallery, g_labels, queries, q_labels
+
+
+def brute_iou(a, b):
+    union = np.logical_or(a, b).sum()
+    return np.logical_and(a, b).sum() / union if union else 0.0
+
+
+@pytest.mark.parametrize("k", [1, 5, 12])
+def test_retrieval_iou_equals_brute_force(k):
+    gallery, g_labels, queries, q_labels = data()
+    expected = []
+    for query, labels in zip(queries, q_labels):
+        nearest = np.argsort(((gallery - query) ** 2).sum(1))[:k]
+        expected.append(np.mean([brute_iou(labels, g_labels[i]) for i in nearest]))
+    assert retrieval_iou(gallery, g_labels, queries, q_labels, k) == pytest.approx(expected, abs=1e-6)
+
+
+def test_random_baseline_is_seeded_distinct_and_correct():
+    _, g_labels, _, q_labels = data()
+    a, b = random_baseline(g_labels, q_labels, 5, seed=3), random_baseline(g_labels, q_labels, 5, seed=3)
+    assert np.array_equal(a, b) and not np.array_equal(a, random_baseline(g_labels, q_labels, 5, seed=4))
+    drawn = random_neighbours(len(g_labels), len(q_labels), 5, seed=3)
+    assert all(len(set(row)) == 5 for row in drawn)
+    expected = [np.mean([brute_iou(q_labels[i], g_labels[j]) for j in row]) for i, row in enumerate(drawn)]
+    assert a == pytest.approx(expected)
+    assert 0.1 < a.mean() < 0.4  # random tags with p=0.3: expected IoU about 0.18
+
+
+def test_ranking_scores_equal_brute_force():
+    _, g_labels, _, q_labels = data(seed=1, n=200, q=30, classes=5)
+    rng = np.random.default_rng(1)
+    k = 5
+    retrieved = np.stack([rng.choice(200, k, replace=False) for _ in range(30)])
+    ious = np.array([[brute_iou(q, g_labels[j]) for j in row] for q, row in zip(q_labels, retrieved)])
+    ideal, relevant_total = ideal_gains(g_labels, q_labels, k)
+    scores = ranking_scores(ious, ideal, relevant_total)
+    for i, q in enumerate(q_labels):
+        all_ious = np.array([brute_iou(q, g) for g in g_labels])
+        rel = ious[i] >= 0.5
+        assert scores["precision"][i] == pytest.approx(rel.mean())
+        hits, ap = 0, 0.0
+        for rank, is_rel in enumerate(rel, start=1):
+            if is_rel:
+                hits += 1
+                ap += hits / rank
+        total = (all_ious >= 0.5).sum()
+        assert scores["ap"][i] == pytest.approx(ap / min(k, total) if total else 0.0)
+        dcg = sum(g / np.log2(r + 1) for r, g in enumerate(ious[i], start=1))
+        idcg = sum(g / np.log2(r + 1) for r, g in enumerate(sorted(all_ious, reverse=True)[:k], start=1))
+        assert scores["ndcg"][i] == pytest.approx(dcg / idcg if idcg else 0.0)
+
+
+def test_summary_and_paired_test_against_numpy_and_scipy():
+    rng = np.random.default_rng(0)
+    a = rng.random(80)
+    b = a - 0.05 + rng.normal(0, 0.05, 80)
+    s = summary(a, seed=0)
+    assert s["mean"] == pytest.approx(a.mean()) and s["std"] == pytest.approx(a.std(ddof=1))
+    assert s["ci95"][0] < a.mean() < s["ci95"][1] and s["ci95"][1] - s["ci95"][0] < 0.2
+    test = paired_test(a, b)
+    assert test["p_value"] == pytest.approx(wilcoxon(a - b).pvalue) and test["mean_difference"] > 0
+    assert paired_test(a + 1, a)["effect_size"] == 1.0 and paired_test(a, a + 1)["effect_size"] == -1.0
+    assert paired_test(a, a)["p_value"] == 1.0
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+
+
+def test_queries_are_seeded_and_independent_of_key_order():
+    keys = [f"k{i}" for i in range(100)]
+    chosen = select_queries(keys, 20, seed=0)
+    assert chosen == select_queries(list(reversed(keys)), 20, seed=0) and len(set(chosen)) == 20
+    assert chosen != select_queries(keys, 20, seed=1)
+    assert sorted(select_queries(keys, 500, seed=0)) == sorted(keys)
+
+
+def test_index_round_trip_and_refusals(tmp_path):
+    gallery, _, queries, _ = data()
+    index = build_index(gallery, "flat", device="cpu")
+    distances, found = search(index, queries, 3)
+    expected = np.argsort(((gallery[None] - queries[:, None]) ** 2).sum(-1), axis=1)[:, :3]
+    assert np.array_equal(found, expected)
+    path = tmp_path / "index.faiss"
+    save_index(index, path, {"model": "runs/a", "layer": "pooled"})
+    loaded, sidecar = load_index(path, {"model": "runs/a", "dim": 16})
+    assert sidecar["count"] == 300 and np.array_equal(search(loaded, queries, 3)[1], found)
+    with pytest.raises(ImretError, match=r"built for model='runs/a', expected 'runs/b'"):
+        load_index(path, {"model": "runs/b"})
+    with pytest.raises(ImretError, match=r"built for dim=16, expected 32"):
+        load_index(path, {"dim": 32})
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ImretError, match="truncated"):
+        load_index(path)
+    sidecar_path = tmp_path / "index.faiss.json"
+    sidecar_path.write_text(json.dumps({**sidecar, "bytes": 1000}))
+    with pytest.raises(ImretError, match="unreadable index"):
+        load_index(path)
+
+
+def test_ivfpq_is_close_to_exact_on_clustered_data():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(20, 32)) * 5
+    gallery = (centres[rng.integers(0, 20, 10_000)] + rng.normal(size=(10_000, 32))).astype(np.float32)
+    exact = search(build_index(gallery, "flat", "cpu"), gallery[:200], 10)[1]
+    approx = search(build_index(gallery, "ivfpq", "cpu"), gallery[:200], 10)[1]
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+    assert recall > 0.3
+    with pytest.raises(ImretError, match="needs at least"):
+        build_index(gallery[:5000], "ivfpq", "cpu")

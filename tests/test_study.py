@@ -1,0 +1,150 @@
+"""The embedding job under 2 gloo ranks, and a tiny end-to-end study: retrieval.json, report.md, figures."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_recipe_overrides
+from imret.config import load_recipe
+from imret.data.build import build_shards
+from imret.data.manifest import load_manifest
+from imret.embed import embed, load_embeddings
+from imret.report import fmt
+from imret.retrieval import retrieval_iou
+from imret.study import load_study, run_study
+from imret.train import train
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No ImageNet weights here, and no download attempt."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
+
+    def refuse(*args, **kwargs):
+        raise URLError("offline")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+
+
+def test_embedding_covers_every_sample_once_with_two_ranks_and_uneven_shards(tmp_path, synth_dir):
+    shards = tmp_path / "uneven"
+    build_shards(synth_dir, "folder", shards, val_fraction=0.25, samples_per_shard=13, workers=0)
+    manifest = load_manifest(shards)
+    assert len({s["samples"] for s in manifest["splits"]["train"]["shards"]}) == 2  # 6 x 13 and one of 12
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text("")
+    run = train(load_recipe(recipe_path, tiny_recipe_overrides(shards, tmp_path / "runs", "m") +
+                            ["train.max_epochs=1", "train.steps_per_epoch=1", "data.batch_size_per_device=8"]))  # fmt: skip
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "imret",
+           "embed", str(run), "--shards", str(shards), "--split", "train", "--out", str(tmp_path / "two")]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two, labels, keys, meta = load_embeddings(tmp_path / "two")
+    assert len(keys) == len(set(keys)) == manifest["splits"]["train"]["samples"] == meta["count"]
+    assert meta["layer"] == "pooled" and two.shape == (len(keys), 256)
+    one, _, one_keys, _ = load_embeddings(embed(str(run), shards, "train", out=tmp_path / "one"))
+    assert one_keys == keys and np.allclose(one, two, atol=1e-5)
+    parts = sorted((tmp_path / "two" / "parts").iterdir())
+    assert len(parts) == len(manifest["splits"]["train"]["shards"])
+
+
+def test_a_rerun_skips_finished_parts_and_a_new_model_redoes_them(tmp_path, synth_shards, caplog):
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text("")
+    overrides = tiny_recipe_overrides(synth_shards, tmp_path / "runs", "m") + ["train.max_epochs=1", "train.steps_per_epoch=1",
+                                                                                "data.batch_size_per_device=8"]  # fmt: skip
+    run = train(load_recipe(recipe_path, overrides))
+    out = embed(str(run), synth_shards, "val", out=tmp_path / "e")
+    part = next((out / "parts").iterdir())
+    stamp = part.stat().st_mtime_ns
+    (out / "meta.json").unlink()  # as if killed before the merge
+    with caplog.at_level(logging.INFO, logger="imret.embed"):
+        embed(str(run), synth_shards, "val", out=out)
+    assert part.stat().st_mtime_ns == stamp and (out / "meta.json").is_file()
+    with caplog.at_level(logging.INFO, logger="imret.embed"):
+        embed(str(run), synth_shards, "val", out=out)
+    assert "nothing to do" in caplog.text
+    other = train(load_recipe(recipe_path, overrides + ["run.name=other", "run.seed=1"]))
+    embed(str(other), synth_shards, "val", out=out)
+    assert json.loads((out / "meta.json").read_text())["model"] == str(other)
+
+
+def write_study(tmp_path: Path, shards: Path) -> Path:
+    runs = tmp_path / "runs"
+    base = tiny_recipe_overrides(shards, runs, "x")
+    recipes = {}
+    for name, extra in {"cls": [], "rot": ["task.name=rotation"],
+                        "seg": ["task.name=segmentation", "model.backbone=resnet18", "data.batch_size_per_device=16"]}.items():  # fmt: skip
+        path = tmp_path / f"{name}.yaml"
+        lines = {}
+        for item in base + extra + ["train.max_epochs=1", "train.steps_per_epoch=4", f"run.name={name}"]:
+            key, value = item.split("=", 1)
+            section, field = key.split(".")
+            lines.setdefault(section, {})[field] = value
+        path.write_text("".join(f"{s}:\n" + "".join(f"  {k}: {v}\n" for k, v in fields.items()) for s, fields in lines.items()))
+        recipes[name] = path
+    study = tmp_path / "study.yaml"
+    study.write_text(f"""
+study:
+  out: {tmp_path / 'out'}
+  queries: 30
+  seed: 1
+  bootstrap_resamples: 200
+data:
+  shards: {shards}
+train:
+  recipes: [{recipes['cls']}, {recipes['rot']}, {recipes['seg']}]
+compare:
+  models:
+    classifier: {recipes['cls']}
+    rotation: {recipes['rot']}
+    imagenet: imagenet-resnet18
+  segmentation: {recipes['seg']}
+""")
+    return study
+
+
+def test_a_tiny_study_end_to_end_and_twice(tmp_path, train_shards, offline, caplog):
+    study_path = write_study(tmp_path, train_shards)
+    report = run_study(load_study(study_path))
+    out = tmp_path / "out"
+    results = json.loads((out / "retrieval.json").read_text())
+    assert results["k"] == 5 and results["queries"] == 30 and results["seed"] == 1
+    assert set(results["results"]) == {"classifier", "rotation", "random"}
+    assert set(results["results"]["classifier"]) == {"original", "masked"}
+    assert "could not be downloaded" in results["unavailable"]["imagenet"]
+    assert len(results["comparisons"]) == 4 and all(0 <= c["p_holm"] <= 1 for c in results["comparisons"])
+
+    text = report.read_text()
+    for name in ("classifier", "rotation"):
+        for variant in ("original", "masked"):
+            assert fmt(results["results"][name][variant]) in text  # the report prints the computed numbers
+    assert "not in the table" in text and "Conclusions" in text
+    for figure in ["retrieval.png", "segmentation-examples.png", "loss-classifier.png", "grid-classifier.png"]:
+        with Image.open(out / "figures" / figure) as img:
+            img.verify()
+    for link in [line.split("](")[1].rstrip(")") for line in text.splitlines() if "](figures/" in line]:
+        assert (out / link).is_file(), link
+
+    # the same queries for every model and variant: rescoring the stored embeddings reproduces each mean
+    gallery, g_labels, _, _ = load_embeddings(out / "embeddings" / "rotation" / "masked-train")
+    val, v_labels, v_keys, _ = load_embeddings(out / "embeddings" / "rotation" / "masked-val")
+    rows = [v_keys.index(key) for key in results["query_keys"]]
+    rescored = retrieval_iou(gallery, g_labels, val[rows], v_labels[rows], 5).mean()
+    assert rescored == pytest.approx(results["results"]["rotation"]["masked"]["mean"])
+
+    stamp = (out / "retrieval.json").stat().st_mtime_ns
+    with caplog.at_level(logging.INFO):
+        run_study(load_study(study_path))
+    assert "already finished" in caplog.text and "nothing to do" in caplog.text
+    assert (out / "retrieval.json").stat().st_mtime_ns == stamp
