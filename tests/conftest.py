@@ -37,3 +37,14 @@ def tiny_recipe_overrides(shards: Path, run_dir: Path, name: str = "t") -> list[
             "data.workers=0", "data.shuffle_buffer=64", "model.backbone=small-cnn", "optim.lr=0.001",
             "train.max_epochs=2", "log.wandb_mode=disabled", "log.every_n_steps=1", f"run.dir={run_dir}",
             f"run.name={name}"]
+
+
+@pytest.fixture(scope="session")
+def shards_without_masks(synth_dir, tmp_path_factory) -> Path:
+    import shutil
+
+    data = tmp_path_factory.mktemp("nomask") / "data"
+    shutil.copytree(synth_dir, data, ignore=shutil.ignore_patterns("masks"))
+    out = data.parent / "shards"
+    build_shards(data, "folder", out, workers=0, samples_per_shard=40)
+    return out

@@ -102,16 +102,9 @@ def test_no_manifest_is_an_error(tmp_path):
         make_loader(tmp_path, "train", batch_size=4, size=32, training=True)
 
 
-def test_masks_from_shards_without_masks_is_an_error(tmp_path, synth_dir):
-    from imret.data.build import build_shards
-
-    (synth_dir / "masks").rename(synth_dir / "masks_off")
-    try:
-        build_shards(synth_dir, "folder", tmp_path / "nomask", workers=0, samples_per_shard=40)
-    finally:
-        (synth_dir / "masks_off").rename(synth_dir / "masks")
+def test_masks_from_shards_without_masks_is_an_error(shards_without_masks):
     with pytest.raises(DataError, match="masks were asked for, and these shards have none"):
-        make_loader(tmp_path / "nomask", "train", batch_size=4, size=32, training=True, with_masks=True)
+        make_loader(shards_without_masks, "train", batch_size=4, size=32, training=True, with_masks=True)
 
 
 def test_a_pickle_member_is_never_unpickled(tmp_path, synth_shards):

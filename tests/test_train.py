@@ -98,16 +98,9 @@ def test_imagenet_weights_from_a_local_file_and_a_clear_offline_error(tmp_path, 
         train(recipe(tmp_path, train_shards, "ft2", ["model.backbone=resnet18", "model.init=imagenet"]))
 
 
-def test_segmentation_on_shards_without_masks_is_refused(tmp_path, synth_dir):
-    from imret.data.build import build_shards
-
-    (synth_dir / "masks").rename(synth_dir / "masks_off")
-    try:
-        build_shards(synth_dir, "folder", tmp_path / "nomask", workers=0, samples_per_shard=40)
-    finally:
-        (synth_dir / "masks_off").rename(synth_dir / "masks")
+def test_segmentation_on_shards_without_masks_is_refused(tmp_path, shards_without_masks):
     with pytest.raises(ImretError, match="segmentation needs masks"):
-        train(recipe(tmp_path, tmp_path / "nomask", "seg", ["task.name=segmentation", "model.backbone=resnet18"]))
+        train(recipe(tmp_path, shards_without_masks, "seg", ["task.name=segmentation", "model.backbone=resnet18"]))
 
 
 def final_weights(run_dir: Path) -> dict:
