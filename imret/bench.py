@@ -4,6 +4,10 @@ loader: the embedded data, upscaled to photo size (`source_size`, as real datase
         by a plain map-style Dataset that opens and resizes each image file and mask with PIL, against
         imret's streaming loader over shards built from the same files with --max-side near the training
         size; same workers and batch size. Also the device augmentation on this machine's device.
+train:  one epoch of `imret train` (small CNN, random crop + flip on the device) against a plain loop: a PIL
+        folder Dataset with torchvision's CPU transforms in DataLoader workers, the same model and optimiser.
+embed:  `imret embed` of the train split against a plain loop that opens, resizes and normalises each file
+        with PIL and embeds batch by batch with the same exported model.
 faiss:  exact k-NN of 500 queries against a gallery: FAISS with its default BLAS threshold (a scan per query
         below it), FAISS as imret configures it, and a plain torch matmul + topk.
 """
@@ -154,7 +158,114 @@ def bench_faiss(images: int, size: int, workers: int, queries: int = 500, dim: i
             "neighbours_agree_with_torch": round(agree, 4), "default_agrees": bool(np.array_equal(default, tuned))}  # fmt: skip
 
 
-BENCHES = {"loader": bench_loader, "faiss": bench_faiss}
+def _synth_shards(tmp: Path, images: int, workers: int) -> tuple[Path, Path]:
+    from imret.data.build import build_shards
+    from imret.data.synth import write_synth
+
+    data = write_synth(tmp / "synth", images=images, size=96, seed=0)
+    shards = tmp / "shards"
+    build_shards(data, "folder", shards, val_fraction=0.1, samples_per_shard=max(1, images // 8), workers=max(1, workers))
+    return data, shards
+
+
+def _recipe(tmp: Path, shards: Path, size: int, workers: int, extra: list[str]):
+    from imret.config import load_recipe
+
+    path = tmp / "recipe.yaml"
+    path.write_text("")
+    return load_recipe(path, [f"data.shards={shards}", f"data.image_size={size}", f"data.load_size={size + 8}",
+                              "data.batch_size_per_device=64", f"data.workers={workers}", "augment.crop=random",
+                              "augment.hflip=true", "model.backbone=small-cnn", "train.max_epochs=1",
+                              "log.wandb_mode=disabled", "log.every_n_steps=1", f"run.dir={tmp / 'runs'}", *extra])  # fmt: skip
+
+
+class PlainLabelled(Dataset):
+    """The baseline's dataset: each file opened with PIL, torchvision transforms on the CPU."""
+
+    def __init__(self, root: Path, transform):
+        import csv
+
+        self.classes = (root / "classes.txt").read_text().split()
+        rows = list(csv.DictReader(open(root / "labels.csv")))
+        self.items = [(root / "images" / r["image"], r["labels"].split(";")) for r in rows]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        path, names = self.items[index]
+        target = torch.zeros(len(self.classes))
+        target[[self.classes.index(n) for n in names]] = 1.0
+        return self.transform(Image.open(path).convert("RGB")), target
+
+
+def bench_train(images: int, size: int, workers: int) -> dict[str, Any]:
+    import json
+
+    from torchvision import transforms as T
+
+    from imret.data.augment import IMAGENET_MEAN, IMAGENET_STD
+    from imret.models import RetrievalNet, make_backbone
+    from imret.train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data, shards = _synth_shards(Path(tmp), images, workers)
+        run = train(_recipe(Path(tmp), shards, size, workers, []))
+        rates = [r["images_per_s"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                 if r["split"] == "train"][1:]  # fmt: skip
+        imret_rate = float(np.median(rates))
+        transform = T.Compose([T.Resize((size + 8, size + 8)), T.RandomCrop(size), T.RandomHorizontalFlip(),
+                               T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])  # fmt: skip
+        loader = DataLoader(PlainLabelled(data, transform), batch_size=64, shuffle=True, num_workers=workers,
+                            drop_last=True)  # fmt: skip
+        trunk, features = make_backbone("small-cnn")
+        model = RetrievalNet(trunk, torch.nn.Linear(features, 12), "pooled")
+        optimizer = torch.optim.Adam(model.parameters(), 3e-4)
+        times, start = [], time.perf_counter()
+        for x, y in loader:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            times.append((len(x), time.perf_counter() - start))
+            start = time.perf_counter()
+        plain_rate = float(np.median([n / t for n, t in times[1:]]))
+    return {"bench": "train", "date": date.today().isoformat(), "machine": machine(), "images": images,
+            "size": size, "workers": workers, "batch": 64, "plain_images_per_s": round(plain_rate, 1),
+            "imret_images_per_s": round(imret_rate, 1), "speedup_vs_plain": round(imret_rate / plain_rate, 2)}  # fmt: skip
+
+
+def bench_embed(images: int, size: int, workers: int) -> dict[str, Any]:
+    from imret.data.augment import IMAGENET_MEAN, IMAGENET_STD
+    from imret.embed import embed, load_model
+    from imret.train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data, shards = _synth_shards(Path(tmp), images, workers)
+        run = train(_recipe(Path(tmp), shards, size, workers, ["train.steps_per_epoch=1"]))
+        start = time.perf_counter()
+        out = embed(str(run), shards, "train", out=Path(tmp) / "embeddings", workers=workers)
+        imret_seconds = time.perf_counter() - start
+        count = len(np.load(out / "embeddings.npy"))
+        net, meta = load_model(str(run))
+        mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        files = sorted((data / "images").iterdir())[:count]
+        start = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, len(files), 128):
+                batch = [np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+                         for f in files[i : i + 128]]  # fmt: skip
+                x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 255
+                net.embed((x - mean) / std)
+        plain_seconds = time.perf_counter() - start
+    return {"bench": "embed", "date": date.today().isoformat(), "machine": machine(), "images": count,
+            "size": size, "workers": workers, "plain_images_per_s": round(count / plain_seconds, 1),
+            "imret_images_per_s": round(count / imret_seconds, 1),
+            "speedup_vs_plain": round(plain_seconds / imret_seconds, 2)}  # fmt: skip
+
+
+BENCHES = {"loader": bench_loader, "train": bench_train, "embed": bench_embed, "faiss": bench_faiss}
 
 
 def run(what: str, **kwargs: Any) -> dict[str, Any]:

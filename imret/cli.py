@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     bench = commands.add_parser("bench", help="measure throughput against a plain baseline")
-    bench.add_argument("what", choices=["loader", "faiss"])
+    bench.add_argument("what", choices=["loader", "train", "embed", "faiss"])
     bench.add_argument("--images", type=int, default=2000, help="dataset size (loader) or gallery size (faiss)")
     bench.add_argument("--size", type=int, default=96, help="side of the images the loader yields")
     bench.add_argument("--workers", type=int, default=2)

@@ -166,7 +166,9 @@ def embed(source: str, shards: str | Path, split: str, mask_with: str | None = N
     start = time.perf_counter()
     for shard in todo:
         masks = shard_masks(masker, shard, mask_cache, meta["load_size"], classes, state.device, batch_size) if masker else None
-        loader = DataLoader(OneShard(shard, meta["load_size"], classes), batch_size=batch_size, num_workers=min(workers, 1),
+        # one decoding worker overlaps a GPU; on the CPU the model already has every core, a worker only costs a fork
+        loader = DataLoader(OneShard(shard, meta["load_size"], classes), batch_size=batch_size,
+                            num_workers=min(workers, 1) if state.device.type == "cuda" else 0,
                             pin_memory=state.device.type == "cuda")  # fmt: skip
         keys, labels, vectors = [], [], []
         for batch in loader:

@@ -86,11 +86,12 @@ def resolve_run(entry: str, study: StudyRecipe) -> str:
 
 def run_study(study: StudyRecipe) -> Path:
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from imret.embed import IMAGENET_BASELINE, embed
     from imret.train import train
 
-    state = PartialState()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator reads it
     out = Path(study.study.out)
     ensure_shards(study, state)
     for recipe_path in study.train.recipes:
