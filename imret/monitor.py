@@ -10,7 +10,6 @@ import netrc
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 from imret.config import Recipe, recipe_to_dict, recipe_to_yaml
 

@@ -65,7 +65,7 @@ def test_folder_round_trip_keeps_ids_labels_and_masks(tmp_path):
     samples = read_samples(tmp_path / "out")
     assert set(samples) == set(ids) and manifest["has_masks"] and manifest["classes"] == ["hat", "shirt"]
     assert manifest["splits"]["val"]["samples"] == 1 and manifest["splits"]["train"]["samples"] == 3
-    for n, i in enumerate(ids):
+    for i in ids:
         s = samples[i]
         assert "." not in s["key"] and s["key"].isascii()
         assert s["meta"]["labels"] == sorted(["hat", "shirt"].index(t) for t in labels[f"{i}.png"])

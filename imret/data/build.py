@@ -245,7 +245,7 @@ def build_shards(src: str | Path, fmt: str, out: str | Path, *, val_fraction: fl
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     try:
         results = pool.imap(encode, [r for _, r in ordered], chunksize=8) if pool else map(encode, (r for _, r in ordered))
-        for (split, record), result in tqdm(zip(ordered, results), total=len(ordered), desc=f"build {out.name}",
+        for (split, _), result in tqdm(zip(ordered, results), total=len(ordered), desc=f"build {out.name}",
                                             unit="img", mininterval=1.0):  # fmt: skip
             if isinstance(result, Encoded) and require_masks and result.mask_png is None:
                 result = Rejected(result.id, result.source, "no mask (--require-masks)")

@@ -245,10 +245,6 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return islice(iter(self.loader), len(self))
 
-    @property
-    def classes(self) -> list[str]:
-        return self.stream.manifest["classes"]
-
 
 def make_loader(shard_dir: str | Path, split: str, *, batch_size: int, size: int, training: bool, rank: int = 0,
                 world: int = 1, workers: int = 0, seed: int = 0, shuffle_buffer: int = 0,
