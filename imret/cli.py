@@ -191,13 +191,27 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except ImretError as exc:
         print(f"imret: error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("imret: interrupted", file=sys.stderr)
         return 130
+    release_process_group()
+    return code
+
+
+def release_process_group() -> None:
+    """Left to the interpreter's exit, gloo's worker threads can outlive it and abort a run that succeeded
+    (SIGABRT, "terminate called without an active exception"). Not done after an interrupt, which may leave
+    a collective in flight."""
+    if "torch" not in sys.modules:  # keeps `imret --help` and the data commands free of torch
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

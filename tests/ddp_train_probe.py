@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
+
 from imret.config import load_recipe
 from imret.tasks.multilabel import MultilabelTask
 from imret.train import TrainingError, train
@@ -26,3 +28,4 @@ try:
 except TrainingError as exc:
     result = {"ok": False, "error": str(exc)}
 Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+dist.destroy_process_group()
