@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--mask-with", metavar="SEG_RUN_DIR", help="zero the background with this U-Net's masks")
     embed.add_argument("--out", metavar="DIR", help="default: RUN_DIR/embeddings/<split>[-masked-<seg run>]")
     embed.add_argument("--batch-size", type=int, default=128)
-    embed.add_argument("--workers", type=int, default=2)
+    embed.add_argument("--workers", type=int, help="decoding processes per rank (default: its share of the cores, at most 8)")
     embed.set_defaults(func=cmd_embed)
 
     index = commands.add_parser("index", help="FAISS index").add_subparsers(dest="action", required=True)

@@ -14,6 +14,8 @@ import logging
 import os
 import shutil
 import time
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from tqdm import tqdm
 from imret.config import AugmentConfig, recipe_from_dict
 from imret.data.augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, denormalise
 from imret.data.manifest import load_manifest, manifest_hash, sha256_file, write_json_atomic
-from imret.data.shards import OneShard, shard_files
+from imret.data.shards import ShardBatches, shard_files
 from imret.errors import ImretError
 from imret.models import RetrievalNet, initialise_trunk, make_backbone
 
@@ -94,21 +96,32 @@ class Masker(nn.Module):
         return F.interpolate(mask, size=x.shape[-2:], mode="nearest")[:, 0].to(torch.uint8)
 
 
-def shard_masks(masker: Masker, shard: tuple[Path, int, int], cache: Path, load_size: int, classes: int,
-                device: torch.device, batch_size: int) -> np.ndarray:  # fmt: skip
-    """Predicted masks of one shard's samples, in order, cached under the segmentation run: every compared
+def batches_by_shard(shards: list[tuple[Path, int, int]], size: int, classes: int, batch_size: int, workers: int,
+                     device: torch.device) -> DataLoader:  # fmt: skip
+    """One loader over all of this rank's shards: its workers stay up from the first shard to the last."""
+    workers = min(workers, len(shards))
+    return DataLoader(ShardBatches(shards, size, classes, batch_size), batch_size=None, num_workers=workers,
+                      pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None)  # fmt: skip
+
+
+def cached_masks(masker: Masker, shards: list[tuple[Path, int, int]], cache: Path, load_size: int, classes: int,
+                 device: torch.device, batch_size: int, workers: int) -> dict[Path, np.ndarray]:  # fmt: skip
+    """Predicted masks of each shard's samples, in order, cached under the segmentation run: every compared
     model that sees the same crop reuses them instead of running the U-Net again."""
-    path = cache / f"{shard[0].stem}.npy"
-    if path.is_file():
-        return np.load(path)
-    masks = [masker(batch["image"].to(device)).cpu().numpy()
-             for batch in DataLoader(OneShard(shard, load_size, classes), batch_size=batch_size)]  # fmt: skip
-    array = np.concatenate(masks) if masks else np.zeros((0, 1, 1), np.uint8)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = cache / f".{path.stem}.tmp.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
-    return array
+    missing = [shard for shard in shards if not (cache / f"{shard[0].stem}.npy").is_file()]
+    if missing:
+        cache.mkdir(parents=True, exist_ok=True)
+        pending: dict[int, list[np.ndarray]] = defaultdict(list)
+        for batch in batches_by_shard(missing, load_size, classes, batch_size, workers, device):
+            if batch["key"]:
+                pending[batch["shard"]].append(masker(batch["image"].to(device)).cpu().numpy())
+            if batch["last"]:
+                masks = pending.pop(batch["shard"], [])
+                path = cache / f"{missing[batch['shard']][0].stem}.npy"
+                tmp = path.with_name(f".{path.stem}.tmp.npy")
+                np.save(tmp, np.concatenate(masks) if masks else np.zeros((0, 1, 1), np.uint8))
+                os.replace(tmp, path)
+    return {shard[0]: np.load(cache / f"{shard[0].stem}.npy", mmap_mode="r") for shard in shards}
 
 
 def job_fingerprint(source: str, meta: dict, seg_source: str | None, seg_meta: dict | None, manifest: dict, split: str) -> dict:
@@ -129,10 +142,12 @@ def embedding_complete(out: Path, fingerprint: dict) -> bool:
 
 
 def embed(source: str, shards: str | Path, split: str, mask_with: str | None = None, out: str | Path | None = None,
-          batch_size: int = 128, workers: int = 2) -> Path:  # fmt: skip
+          batch_size: int = 128, workers: int | None = None) -> Path:  # fmt: skip
     # PartialState, not an Accelerator: a study may already hold one with another mixed-precision setting
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     bf16 = state.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if workers is None:  # a GPU embeds far faster than one process decodes
+        workers = min(8, max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     net, meta = load_model(source)
     seg, seg_meta = load_model(mask_with) if mask_with else (None, None)
     if seg_meta is not None and seg_meta["task"] != "segmentation":
@@ -162,24 +177,23 @@ def embed(source: str, shards: str | Path, split: str, mask_with: str | None = N
     mine = files[state.process_index :: state.num_processes]
     classes = len(manifest["classes"])
     todo = [f for f in mine if not (parts / f"{f[0].stem}.npz").is_file()]
+    masks = cached_masks(masker, todo, mask_cache, meta["load_size"], classes, state.device, batch_size, workers) if masker else None
     bar = tqdm(total=sum(f[1] for f in todo), desc=f"embed {split}", unit="img", disable=not state.is_local_main_process)
     start = time.perf_counter()
-    for shard in todo:
-        masks = shard_masks(masker, shard, mask_cache, meta["load_size"], classes, state.device, batch_size) if masker else None
-        # one decoding worker overlaps a GPU; on the CPU the model already has every core, a worker only costs a fork
-        loader = DataLoader(OneShard(shard, meta["load_size"], classes), batch_size=batch_size,
-                            num_workers=min(workers, 1) if state.device.type == "cuda" else 0,
-                            pin_memory=state.device.type == "cuda")  # fmt: skip
-        keys, labels, vectors = [], [], []
-        for batch in loader:
-            batch_masks = torch.from_numpy(masks[len(keys) : len(keys) + len(batch["key"])]) if masks is not None else None
+    pending: dict[int, Part] = defaultdict(Part)
+    for batch in batches_by_shard(todo, meta["load_size"], classes, batch_size, workers, state.device):
+        shard, part = todo[batch["shard"]], pending[batch["shard"]]
+        if batch["key"]:
+            done, count = len(part.keys), len(batch["key"])
+            batch_masks = torch.from_numpy(masks[shard[0]][done : done + count].copy()) if masks is not None else None
             with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=bf16):
-                vectors.append(embedder(batch["image"].to(state.device, non_blocking=True), batch_masks).cpu().numpy())
-            keys += batch["key"]
-            labels.append(batch["labels"].numpy().astype(np.uint8))
-            bar.update(len(batch["key"]))
+                part.vectors.append(embedder(batch["image"].to(state.device, non_blocking=True), batch_masks).cpu().numpy())
+            part.keys += batch["key"]
+            part.labels.append(batch["labels"].numpy().astype(np.uint8))
+            bar.update(count)
             bar.set_postfix(img_s=f"{bar.n / (time.perf_counter() - start):.0f}")
-        write_part(parts / f"{shard[0].stem}.npz", keys, labels, vectors, meta["embedding"]["dim"], classes)
+        if batch["last"]:
+            write_part(parts / f"{shard[0].stem}.npz", pending.pop(batch["shard"]), meta["embedding"]["dim"], classes)
     bar.close()
     state.wait_for_everyone()
     if state.is_main_process:
@@ -188,11 +202,20 @@ def embed(source: str, shards: str | Path, split: str, mask_with: str | None = N
     return out
 
 
-def write_part(path: Path, keys: list[str], labels: list[np.ndarray], vectors: list[np.ndarray], dim: int, classes: int) -> None:
+@dataclass
+class Part:
+    """One shard's embeddings, gathered batch by batch until its last batch arrives."""
+
+    keys: list[str] = field(default_factory=list)
+    labels: list[np.ndarray] = field(default_factory=list)
+    vectors: list[np.ndarray] = field(default_factory=list)
+
+
+def write_part(path: Path, part: Part, dim: int, classes: int) -> None:
     tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, keys=np.array(keys, dtype=object).astype(str),
-             labels=np.concatenate(labels) if labels else np.zeros((0, classes), np.uint8),
-             embeddings=np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32))  # fmt: skip
+    np.savez(tmp, keys=np.array(part.keys, dtype=object).astype(str),
+             labels=np.concatenate(part.labels) if part.labels else np.zeros((0, classes), np.uint8),
+             embeddings=np.concatenate(part.vectors) if part.vectors else np.zeros((0, dim), np.float32))  # fmt: skip
     os.replace(tmp, path)
 
 

@@ -61,11 +61,18 @@ class StudyCompare:
 
 
 @dataclass
+class StudyEmbed:
+    batch_size: int = field(default=256, metadata=bounds(1))
+    workers: int | None = field(default=None, metadata=bounds(0))  # decoding processes per rank; default: its cores
+
+
+@dataclass
 class StudyRecipe:
     study: StudySection = field(default_factory=StudySection)
     data: StudyData = field(default_factory=StudyData)
     train: StudyTrain = field(default_factory=StudyTrain)
     compare: StudyCompare = field(default_factory=StudyCompare)
+    embed: StudyEmbed = field(default_factory=StudyEmbed)
 
 
 def load_study(path: str | Path, overrides: list[str] = ()) -> StudyRecipe:
@@ -116,7 +123,8 @@ def run_study(study: StudyRecipe) -> Path:
         for variant in VARIANTS if segmentation else VARIANTS[:1]:
             mask = segmentation if variant == "masked" else None
             embeddings[name][variant] = {
-                split: embed(source, study.data.shards, split, mask_with=mask, out=out / "embeddings" / name / f"{variant}-{split}")
+                split: embed(source, study.data.shards, split, mask_with=mask, out=out / "embeddings" / name / f"{variant}-{split}",
+                             batch_size=study.embed.batch_size, workers=study.embed.workers)  # fmt: skip
                 for split in ("train", "val")
             }  # fmt: skip
 

@@ -7,16 +7,17 @@ import pickle
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from imret.data.manifest import load_manifest
-from imret.data.shards import decode_image, make_loader
+from imret.data.shards import ShardBatches, decode_image, make_loader, read_shard, shard_files
 from imret.errors import DataError
 from shard_tools import copy_build, rewrite_shard, sync_manifest
 
@@ -147,6 +148,22 @@ def test_a_corrupt_sample_is_skipped_counted_and_fast(tmp_path, synth_shards, ca
     assert time.perf_counter() - start < 5  # no per-sample sleep, unlike webdataset's warn_and_continue
     assert len(keys) == load_manifest(shards)["splits"]["train"]["samples"] - 1
     assert "skipping corrupt sample" in caplog.text and "train-000000.tar" in caplog.text
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shard_batches_never_span_shards_and_end_each_shard_once(tmp_path, synth_shards, workers):
+    shards = copy_build(synth_shards, tmp_path / "s")
+    rewrite_shard(shards, "train-000001.tar", corrupt_images(10))  # every sample of this shard
+    files = shard_files(shards, load_manifest(shards), "train")
+    seen, ends = defaultdict(list), Counter()
+    for batch in DataLoader(ShardBatches(files, 32, 12, batch_size=4), batch_size=None, num_workers=workers):
+        assert not ends[batch["shard"]], "a batch after its shard's last one"
+        assert len(batch["key"]) == len(batch["image"]) == len(batch["labels"]) <= 4
+        seen[batch["shard"]] += batch["key"]
+        ends[batch["shard"]] += batch["last"]
+    assert ends == Counter({index: 1 for index in range(len(files))})
+    expected = {index: [raw["__key__"] for raw in read_shard(*shard)] for index, shard in enumerate(files)}
+    assert seen[1] == [] and {i: keys for i, keys in seen.items() if i != 1} == {i: k for i, k in expected.items() if i != 1}
 
 
 def test_too_many_corrupt_samples_fail_the_run(tmp_path, synth_shards):

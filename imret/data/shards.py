@@ -178,14 +178,33 @@ def decoded_samples(shards: list[tuple[Path, int, int]], size: int, num_classes:
                     ) from None
 
 
-class OneShard(IterableDataset):
-    """Every decodable sample of one shard, in order (the embedding job works shard by shard)."""
+class ShardBatches(IterableDataset):
+    """Every decodable sample of the given shards, in order, as batches that never span two shards; the last
+    batch of a shard says so (`last`), so the embedding job can write a shard's part the moment it is done.
+    Use it with `DataLoader(batch_size=None)`; worker w decodes shards w, w + workers, ..."""
 
-    def __init__(self, shard: tuple[Path, int, int], size: int, num_classes: int, with_masks: bool = False):
-        self.shard, self.size, self.num_classes, self.with_masks = shard, size, num_classes, with_masks
+    def __init__(self, shards: list[tuple[Path, int, int]], size: int, num_classes: int, batch_size: int):
+        self.shards, self.size, self.num_classes, self.batch_size = shards, size, num_classes, batch_size
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return decoded_samples([self.shard], self.size, self.num_classes, self.with_masks, self.shard[1], 1.0)
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for index in range(worker, len(self.shards), workers):
+            samples = decoded_samples([self.shards[index]], self.size, self.num_classes, False, self.shards[index][1], 1.0)
+            batch = list(islice(samples, self.batch_size))
+            while True:
+                following = list(islice(samples, self.batch_size))
+                yield self.collate(batch, index, last=not following)
+                if not following:
+                    break
+                batch = following
+
+    def collate(self, samples: list[dict[str, Any]], shard: int, last: bool) -> dict[str, Any]:
+        if not samples:  # a shard whose every sample failed to decode still reports that it is done
+            return {"shard": shard, "last": last, "key": [], "image": torch.zeros(0, 3, self.size, self.size, dtype=torch.uint8),
+                    "labels": torch.zeros(0, self.num_classes)}  # fmt: skip
+        return {"shard": shard, "last": last, "key": [s["key"] for s in samples],
+                "image": torch.stack([s["image"] for s in samples]), "labels": torch.stack([s["labels"] for s in samples])}  # fmt: skip
 
 
 def fetch_images(shard_dir: str | Path, split: str, keys: set[str], size: int) -> dict[str, np.ndarray]:
