@@ -15,7 +15,6 @@ faiss:  exact k-NN of 500 queries against a gallery: FAISS with its default BLAS
 
 from __future__ import annotations
 
-import os
 import platform
 import tempfile
 import time
@@ -28,12 +27,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from imret.system import usable_cores
+
 BATCH = 64
 
 
 def machine() -> str:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {device}"
+    return f"{platform.processor() or platform.machine()}, {usable_cores()} cores, {device}"
 
 
 class PlainFolder(Dataset):

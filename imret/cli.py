@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     build.add_argument("--samples-per-shard", type=int, default=1000)
     build.add_argument("--max-side", type=int, default=None, metavar="PX", help="downscale larger images")
-    build.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    build.add_argument("--workers", type=int, default=None, help="decoding processes (default: every core this process may use)")
     build.add_argument("--overwrite", action="store_true", help="replace a finished build in DIR")
     build.add_argument("--strict", action="store_true", help="fail, writing no manifest, if any sample is rejected")
     build.add_argument("--require-masks", action="store_true", help="reject samples that have no mask")

@@ -34,6 +34,7 @@ from imret.data.manifest import load_manifest, manifest_hash, sha256_file, write
 from imret.data.shards import ShardBatches, shard_files
 from imret.errors import ImretError
 from imret.models import RetrievalNet, initialise_trunk, make_backbone
+from imret.system import usable_cores
 
 log = logging.getLogger("imret.embed")
 IMAGENET_BASELINE = "imagenet-resnet18"  # the study's untrained ImageNet ResNet18, pooled features at 224 px
@@ -147,7 +148,7 @@ def embed(source: str, shards: str | Path, split: str, mask_with: str | None = N
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     bf16 = state.device.type == "cuda" and torch.cuda.is_bf16_supported()
     if workers is None:  # a GPU embeds far faster than one process decodes
-        workers = min(8, max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        workers = min(8, max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     net, meta = load_model(source)
     seg, seg_meta = load_model(mask_with) if mask_with else (None, None)
     if seg_meta is not None and seg_meta["task"] != "segmentation":

@@ -30,6 +30,7 @@ from imret.data.manifest import (
 )  # fmt: skip
 from imret.data.sources import Record, read_source
 from imret.errors import DataError
+from imret.system import usable_cores
 
 # EXIF orientation -> the transpose that displays the image upright (as PIL.ImageOps.exif_transpose does)
 ORIENTATION = {
@@ -241,7 +242,7 @@ def build_shards(src: str | Path, fmt: str, out: str | Path, *, val_fraction: fl
     writers = {split: ShardWriter(out, split, samples_per_shard) for split in SPLITS}
     keys: set[str] = set()
     with_masks = 0
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    workers = usable_cores() if workers is None else workers
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     try:
         results = pool.imap(encode, [r for _, r in ordered], chunksize=8) if pool else map(encode, (r for _, r in ordered))
