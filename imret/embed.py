@@ -149,11 +149,14 @@ def embed(source: str, shards: str | Path, split: str, mask_with: str | None = N
     bf16 = state.device.type == "cuda" and torch.cuda.is_bf16_supported()
     if workers is None:  # a GPU embeds far faster than one process decodes
         workers = min(8, max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    manifest = load_manifest(shards)
+    if not manifest["splits"][split]["samples"]:
+        raise ImretError(f"{shards}: the {split} split is empty; rebuild the shards with a --val-fraction that leaves "
+                         f"images in both splits")  # fmt: skip
     net, meta = load_model(source)
     seg, seg_meta = load_model(mask_with) if mask_with else (None, None)
     if seg_meta is not None and seg_meta["task"] != "segmentation":
         raise ImretError(f"--mask-with {mask_with}: a {seg_meta['task']} model, not a segmentation one")
-    manifest = load_manifest(shards)
     fingerprint = job_fingerprint(source, meta, mask_with, seg_meta, manifest, split)
     out = Path(out) if out else default_out(source, split, mask_with)
     if embedding_complete(out, fingerprint):

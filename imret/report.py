@@ -4,6 +4,7 @@ records, never written by hand: the study's own text disagreed with its notebook
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from datetime import date
@@ -61,7 +62,7 @@ def bar_chart(results: dict[str, Any], path: Path) -> None:
 def retrieval_grid(name: str, variant: str, details: dict[str, Any], images: dict[str, np.ndarray], path: Path,
                    rows: int = 4) -> None:  # fmt: skip
     neighbours = details["neighbours"][name, variant][:rows]
-    k = neighbours.shape[1]
+    rows, k = neighbours.shape
     fig, axes = plt.subplots(rows, k + 1, figsize=(1.6 * (k + 1), 1.8 * rows), squeeze=False)
     for r in range(rows):
         query_key = details["query_keys"][r]
@@ -181,7 +182,9 @@ def write_report(out: Path, results: dict[str, Any], details: dict[str, Any]) ->
             shutil.copy(curve, figures / f"loss-{slug(name)}.png")
             lines += [f"{name} (`{run}`): ![loss {name}](figures/loss-{slug(name)}.png)", ""]
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    tmp = path.with_name(".report.md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
     return path
 
 

@@ -85,7 +85,7 @@ def save_index(index: Any, path: str | Path, sidecar: dict[str, Any]) -> None:
     to a full disk may only print an error), then rename; the sidecar JSON describes what it indexes."""
     faiss = _faiss()
     path = Path(path)
-    if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
+    if gpu_count() > 0:  # also merges the IndexShards that spreads the gallery over several GPUs
         index = faiss.index_gpu_to_cpu(index)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -131,6 +131,8 @@ def load_index(path: str | Path, expect: dict[str, Any] | None = None) -> tuple[
 
 def neighbour_iou(gallery_labels: np.ndarray, query_labels: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
     """[Q, k] label IoU between each query and each of its retrieved gallery items."""
+    if (np.asarray(neighbours) < 0).any():  # FAISS pads with -1 when k exceeds what the index holds
+        raise ImretError(f"fewer than k={neighbours.shape[1]} neighbours found: k exceeds the gallery")
     return label_iou(np.asarray(query_labels)[:, None, :], np.asarray(gallery_labels)[neighbours])
 
 

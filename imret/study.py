@@ -13,12 +13,13 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from imret.config import bounds, load_recipe
+from imret.config import TrainConfig, bounds, load_recipe
 from imret.data.manifest import write_json_atomic
 from imret.errors import ImretError
 
@@ -98,12 +99,14 @@ def run_study(study: StudyRecipe) -> Path:
     from imret.embed import IMAGENET_BASELINE, embed
     from imret.train import train
 
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator reads it
     out = Path(study.study.out)
-    ensure_shards(study, state)
+    ensure_shards(study)
     for recipe_path in study.train.recipes:
         log.info("stage train: %s", recipe_path)
         train(training_recipe(recipe_path, study))
+    # after training, whose Accelerator sets up the process group with the recipe's collective timeout
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"),
+                         timeout=timedelta(seconds=TrainConfig().collective_timeout_s))  # fmt: skip
 
     models, unavailable = {}, {}
     for name, entry in study.compare.models.items():
@@ -115,6 +118,8 @@ def run_study(study: StudyRecipe) -> Path:
                 log.warning("model %s left out: %s", name, reason)
                 continue
         models[name] = source
+    if not models:
+        raise ImretError("no model left to compare: " + "; ".join(f"{n}: {r}" for n, r in unavailable.items()))
     segmentation = resolve_run(study.compare.segmentation, study) if study.compare.segmentation else None
 
     embeddings: dict[str, dict[str, dict[str, Path]]] = {}
@@ -134,19 +139,23 @@ def run_study(study: StudyRecipe) -> Path:
     return out / "report.md"
 
 
-def ensure_shards(study: StudyRecipe, state) -> None:
+def ensure_shards(study: StudyRecipe) -> None:
     from imret.data.build import build_shards
 
-    if (Path(study.data.shards) / "manifest.json").is_file():
+    d = study.data
+    if (Path(d.shards) / "manifest.json").is_file():
         return
-    if not study.data.source:
-        raise ImretError(f"{study.data.shards} has no finished shard build and data.source is not set")
-    if state.is_main_process:
-        log.info("stage shards: building %s from %s", study.data.shards, study.data.source)
-        d = study.data
-        build_shards(d.source, d.format, d.shards, val_fraction=d.val_fraction, seed=d.split_seed,
-                     samples_per_shard=d.samples_per_shard, max_side=d.max_side)  # fmt: skip
-    state.wait_for_everyone()
+    if not d.source:
+        raise ImretError(f"{d.shards} has no finished shard build and data.source is not set")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the other ranks would wait out their collective timeout
+        raise ImretError(
+            f"{d.shards} has no finished shard build: build it in one process first, then launch the study: "
+            f"imret shards build {d.source} --format {d.format} --out {d.shards} --val-fraction {d.val_fraction} "
+            f"--seed {d.split_seed} --samples-per-shard {d.samples_per_shard}" + (f" --max-side {d.max_side}" if d.max_side else "")
+        )  # fmt: skip
+    log.info("stage shards: building %s from %s", d.shards, d.source)
+    build_shards(d.source, d.format, d.shards, val_fraction=d.val_fraction, seed=d.split_seed,
+                 samples_per_shard=d.samples_per_shard, max_side=d.max_side)  # fmt: skip
 
 
 def imagenet_unavailable() -> str | None:
@@ -174,9 +183,10 @@ def evaluate_and_report(study: StudyRecipe, out: Path, embeddings: dict, models:
                    models={name: describe_model(source, embeddings[name]) for name, source in models.items()},
                    segmentation=segmentation, shards=study.data.shards)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(done, results)
+    done.unlink(missing_ok=True)  # written last, so a report that failed half-way is never taken as complete
     log.info("stage report: writing %s", out / "report.md")
     write_report(out, results, details)
+    write_json_atomic(done, results)
     log.info("report: %s", (out / "report.md").resolve())
 
 
@@ -214,6 +224,10 @@ def score(study: StudyRecipe, embeddings: dict) -> tuple[dict[str, Any], dict[st
     _, gallery_labels, gallery_keys, _ = load_embeddings(first["train"])
     _, val_labels, val_keys, _ = load_embeddings(first["val"])
     query_keys = select_queries(val_keys, s.queries, s.seed)
+    if not query_keys:
+        raise ImretError(f"{first['val']}: no validation embeddings to draw queries from")
+    if s.k > len(gallery_keys):
+        raise ImretError(f"study.k={s.k} exceeds the gallery of {len(gallery_keys)} train images")
     val_row = {key: i for i, key in enumerate(val_keys)}
     query_labels = val_labels[[val_row[key] for key in query_keys]]
     ideal, relevant_total = ideal_gains(gallery_labels, query_labels, s.k)

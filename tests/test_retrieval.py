@@ -127,3 +127,9 @@ def test_ivfpq_is_close_to_exact_on_clustered_data():
     assert recall > 0.3
     with pytest.raises(ImretError, match="needs at least"):
         build_index(gallery[:5000], "ivfpq", "cpu")
+
+
+def test_padded_neighbours_are_refused_not_scored():
+    labels = np.eye(3, dtype=np.uint8)
+    with pytest.raises(ImretError, match="k exceeds the gallery"):
+        retrieval_iou(np.eye(3, dtype=np.float32), labels, np.eye(3, dtype=np.float32)[:1], labels[:1], k=5)

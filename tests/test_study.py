@@ -18,6 +18,7 @@ from imret.config import load_recipe
 from imret.data.build import build_shards
 from imret.data.manifest import load_manifest
 from imret.embed import embed, load_embeddings
+from imret.errors import ImretError
 from imret.report import fmt
 from imret.retrieval import retrieval_iou
 from imret.study import load_study, run_study
@@ -114,7 +115,7 @@ compare:
     return study
 
 
-def test_a_tiny_study_end_to_end_and_twice(tmp_path, train_shards, offline, caplog):
+def test_a_tiny_study_end_to_end_and_twice(tmp_path, train_shards, offline, caplog, monkeypatch):
     study_path = write_study(tmp_path, train_shards)
     report = run_study(load_study(study_path))
     out = tmp_path / "out"
@@ -148,3 +149,39 @@ def test_a_tiny_study_end_to_end_and_twice(tmp_path, train_shards, offline, capl
         run_study(load_study(study_path))
     assert "already finished" in caplog.text and "nothing to do" in caplog.text
     assert (out / "retrieval.json").stat().st_mtime_ns == stamp
+
+    # a report that fails half-way leaves no retrieval.json, so the next run redoes it (here with 3 queries,
+    # fewer than the retrieval grids' 4 rows)
+    with monkeypatch.context() as patch:
+        patch.setattr("imret.report.write_report", fail)
+        with pytest.raises(RuntimeError, match="disk full"):
+            run_study(load_study(study_path, ["study.queries=3"]))
+    assert not (out / "retrieval.json").exists()
+    run_study(load_study(study_path, ["study.queries=3"]))
+    assert json.loads((out / "retrieval.json").read_text())["queries"] == 3 and "3 validation images" in report.read_text()
+    with pytest.raises(ImretError, match="study.k=1000 exceeds the gallery"):
+        run_study(load_study(study_path, ["study.k=1000"]))
+
+
+def fail(*args, **kwargs):
+    raise RuntimeError("disk full")
+
+
+def test_a_study_with_no_model_left_or_unbuilt_shards_under_launch_says_what_to_do(tmp_path, train_shards, offline,
+                                                                                    monkeypatch):  # fmt: skip
+    study = tmp_path / "study.yaml"
+    study.write_text(f"data:\n  shards: {train_shards}\ncompare:\n  models:\n    imagenet: imagenet-resnet18\n")
+    with pytest.raises(ImretError, match="no model left to compare: imagenet: .*could not be downloaded"):
+        run_study(load_study(study))
+    study.write_text(f"data:\n  shards: {tmp_path / 'new'}\n  source: {tmp_path / 'src'}\n  max_side: 64\n"
+                     "compare:\n  models:\n    imagenet: imagenet-resnet18\n")  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ImretError, match=f"imret shards build {tmp_path / 'src'} --format folder .* --max-side 64"):
+        run_study(load_study(study))
+
+
+def test_an_empty_split_is_refused_before_embedding(tmp_path, synth_dir):
+    shards = tmp_path / "no-val"
+    build_shards(synth_dir, "folder", shards, val_fraction=0.001, workers=0)
+    with pytest.raises(ImretError, match="the val split is empty"):
+        embed("imagenet-resnet18", shards, "val", out=tmp_path / "e")
