@@ -76,12 +76,14 @@ def finish_checkpoint(directory: Path, stage: Path, state: dict[str, Any], step:
     (stage / MARKER).write_text(f"{step}\n")
     _fsync_file(stage / MARKER)
     final = directory / f"step-{step:09d}"
-    if final.exists():  # a complete checkpoint of the same step (a re-save after resume): replace it
-        shutil.rmtree(final)
+    if final.exists():  # the same step saved again after a resume: retire the old one in one rename, since
+        retired = directory / f".old-step-{step:09d}"  # a kill during rmtree could leave a marked, gutted one
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(final, retired)
     os.replace(stage, final)
     for old in complete_checkpoints(directory)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in directory.glob(".tmp-step-*"):
+    for stale in [*directory.glob(".tmp-step-*"), *directory.glob(".old-step-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
 

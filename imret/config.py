@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -220,6 +221,8 @@ def _yaml_float(text: str) -> str:
 
 
 def _check_range(where: str, value: Any, spec: dict) -> None:
+    if isinstance(value, float) and not math.isfinite(value):  # every comparison with NaN is false
+        raise RecipeError(f"{where}: must be a finite number, got {value}")
     if value is None or "range" not in spec:
         return
     lo, hi, lo_open, hi_open = spec["range"]
@@ -338,6 +341,12 @@ def check_consistency(recipe: Recipe) -> None:
         raise RecipeError(f"task.margin_end ({task.margin_end}) is below task.margin_start ({task.margin_start})")
     if recipe.model.init == "run" and not recipe.model.weights:
         raise RecipeError("model.init: run needs model.weights set to the run directory to start from")
+    if recipe.checkpoint.every_n_steps % recipe.train.grad_accum_steps:
+        raise RecipeError(f"checkpoint.every_n_steps ({recipe.checkpoint.every_n_steps}) must be a multiple of "
+                          f"train.grad_accum_steps ({recipe.train.grad_accum_steps}): checkpoints fall between windows")  # fmt: skip
+    if recipe.model.init == "scratch" and recipe.model.weights:
+        raise RecipeError(f"model.weights ({recipe.model.weights}) is only read with model.init imagenet or run, "
+                          f"and model.init is scratch")  # fmt: skip
 
 
 def check_against_shards(recipe: Recipe, has_masks: bool, shards: str) -> None:

@@ -58,7 +58,7 @@ class Monitor:
             log.warning("W&B could not start (%s: %s); training goes on without it", type(exc).__name__, exc)
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop records logged after the checkpoint, which the resumed run logs again."""
+        """Drop records logged after the checkpoint (all of them with -1): the run logs them again."""
         if self.main and self.metrics_path.is_file():
             kept = [line for line in self.metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step]
             self.metrics_path.write_text("".join(f"{line}\n" for line in kept))
@@ -114,8 +114,11 @@ class Monitor:
             plt.close(fig)
 
     def finish(self) -> None:
+        """Closes the W&B run only: accelerator.end_training() would also destroy the process group, which the
+        end-of-run checks and a study's later stages still use."""
         if self.wandb:
             try:
-                self.accelerator.end_training()
+                for tracker in self.accelerator.trackers:
+                    tracker.finish()
             except Exception as exc:  # noqa: BLE001
                 log.warning("W&B did not finish cleanly (%s: %s)", type(exc).__name__, exc)

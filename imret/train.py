@@ -9,6 +9,7 @@ Restarted in the same run directory, it resumes from the newest complete checkpo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -56,8 +57,9 @@ class Progress:
     epoch: int = 0  # the epoch in progress, or the next one to start
     step_in_epoch: int = 0  # batches of `epoch` already trained
     global_step: int = 0
-    best_loss: float = math.inf
-    bad_epochs: int = 0  # epochs since the validation loss last improved
+    best_loss: float = math.inf  # the exported model's validation loss
+    patience_loss: float = math.inf  # the loss that early stopping measures improvements of min_delta from
+    bad_epochs: int = 0  # epochs since the validation loss last improved by min_delta
     nonfinite_in_row: int = 0
     nonfinite_total: int = 0
     finished: bool = False
@@ -98,13 +100,14 @@ def train(recipe: Recipe, debug: bool = False) -> Path:
         shutil.rmtree(run_dir)  # a debug run always starts fresh
     accelerator.wait_for_everyone()
     run_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        restore_interrupted_export(run_dir)
     progress = resume(accelerator, model, optimizer, scheduler, run_dir, recipe)
     if progress.finished:
         log.info("%s already finished (epoch %d); its model is in %s", run_dir, progress.epoch, run_dir / "model")
         return run_dir
     monitor = Monitor(accelerator, recipe, run_dir, mode)
-    if progress.global_step:
-        monitor.truncate_after(progress.global_step)
+    monitor.truncate_after(progress.global_step if progress.global_step else -1)  # a fresh start keeps none
 
     if progress.global_step == 0:  # the untrained model: where the curves start, what training must beat
         metrics, _ = evaluate(task, accelerator, model, val_loader, eval_augment, 0, DEBUG_VAL_BATCHES if debug else None)
@@ -132,19 +135,24 @@ def train(recipe: Recipe, debug: bool = False) -> Path:
                 if debug and progress.global_step == 0:
                     describe_batch(batch, images, masks)
 
-                with accelerator.accumulate(model):
+                # accumulation windows start with each epoch and end with it, so a checkpoint (taken only at a
+                # window's end) never holds half a window's gradients and a resume replays whole windows
+                first, last = accumulation_window(index, steps, recipe.train.grad_accum_steps)
+                sync = index == last
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                     with accelerator.autocast():
                         loss, stats = task.train_loss(model, images, masks, labels, epoch)
                     loss_value = float(loss.detach())
                     nonfinite, stop_requested = agree(accelerator, not math.isfinite(loss_value), stop.requested)
-                    if nonfinite:
+                    if nonfinite:  # every rank drops the window so far, so no rank all-reduces alone
                         optimizer.zero_grad(set_to_none=True)
                         skip_nonfinite_step(accelerator, progress, recipe, math.isfinite(loss_value), batch["key"])
                     else:
                         progress.nonfinite_in_row = 0
-                        accelerator.backward(loss)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
+                        accelerator.backward(loss / (last - first + 1))
+                        if sync:
+                            optimizer.step()
+                            optimizer.zero_grad(set_to_none=True)
 
                 progress.step_in_epoch, progress.global_step = index + 1, progress.global_step + 1
                 window.add(loss_value if not nonfinite else None, len(images) * accelerator.num_processes,
@@ -159,11 +167,11 @@ def train(recipe: Recipe, debug: bool = False) -> Path:
                         "loss": window.loss, "lr": optimizer.param_groups[0]["lr"],
                         "images_per_s": window.images_per_s, "nonfinite_steps": progress.nonfinite_total, **stats})  # fmt: skip
                     window = Window()
-                if stop_requested:
+                if stop_requested and sync:
                     save_checkpoint(accelerator, model, optimizer, scheduler, progress, recipe)
                     raise Terminated(f"SIGTERM: saved a checkpoint at step {progress.global_step}")
                 every = recipe.checkpoint.every_n_steps
-                if every and progress.global_step % every == 0 and index + 1 < steps:
+                if every and sync and (index + 1) % every == 0 and index + 1 < steps:
                     save_checkpoint(accelerator, model, optimizer, scheduler, progress, recipe)
                 fetch_start = time.perf_counter()
             bar.close()
@@ -175,11 +183,13 @@ def train(recipe: Recipe, debug: bool = False) -> Path:
             monitor.log("val", epoch, progress.global_step, metrics)
             if main:
                 log.info("epoch %d: %s", epoch, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            if metrics["loss"] < progress.best_loss - recipe.train.early_stop_min_delta:
-                progress.best_loss, progress.bad_epochs = metrics["loss"], 0
+            if metrics["loss"] < progress.best_loss:
+                progress.best_loss = metrics["loss"]
                 if main:
                     export_model(bare(accelerator, model), task, recipe, manifest, metrics, progress, run_dir)
                     draw_figure(task, bare(accelerator, model), figure_batch, run_dir, monitor, progress)
+            if metrics["loss"] < progress.patience_loss - recipe.train.early_stop_min_delta:
+                progress.patience_loss, progress.bad_epochs = metrics["loss"], 0
             else:
                 progress.bad_epochs += 1
             early_stop = progress.bad_epochs >= recipe.train.early_stop_patience
@@ -223,9 +233,8 @@ def resolve_precision(configured: str) -> str | None:
 
 
 def make_accelerator(recipe: Recipe, mode: str) -> Accelerator:
-    return Accelerator(
-        mixed_precision=resolve_precision(recipe.train.mixed_precision),
-        gradient_accumulation_steps=recipe.train.grad_accum_steps,
+    return Accelerator(  # gradient accumulation is the loop's own (accumulation_window): accelerate's counter
+        mixed_precision=resolve_precision(recipe.train.mixed_precision),  # knows no epochs and no resume
         # our loaders are already split by rank: never let rank 0 decode for everyone
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=recipe.train.collective_timeout_s))],
@@ -241,6 +250,12 @@ def make_loaders(recipe: Recipe, accelerator: Accelerator, with_masks: bool) -> 
     train_loader = make_loader(d.shards, "train", training=True, workers=d.workers, shuffle_buffer=d.shuffle_buffer, **common)
     val_loader = make_loader(d.shards, "val", training=False, workers=min(d.workers, 2), **common)
     return train_loader, val_loader
+
+
+def accumulation_window(index: int, steps: int, accum: int) -> tuple[int, int]:
+    """First and last step (0-based, within the epoch) of the accumulation window that holds step `index`."""
+    first = index - index % accum
+    return first, min(first + accum, steps) - 1
 
 
 def steps_this_epoch(loader: ShardLoader, recipe: Recipe, debug: bool) -> int:
@@ -397,10 +412,17 @@ def export_model(net: torch.nn.Module, task: Task, recipe: Recipe, manifest: dic
         "recipe": recipe_to_dict(recipe), **task.export_meta(metrics),
     }  # fmt: skip
     write_json_atomic(stage / "meta.json", meta)
+    shutil.rmtree(old, ignore_errors=True)  # a kill during the last export's cleanup leaves it behind
     if final.exists():
         os.replace(final, old)
     os.replace(stage, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_interrupted_export(run_dir: Path) -> None:
+    """A kill between export_model's two renames leaves the previous model only in .model-old: put it back."""
+    if not (run_dir / "model").exists() and (run_dir / ".model-old" / "meta.json").is_file():
+        os.replace(run_dir / ".model-old", run_dir / "model")
 
 
 def draw_figure(task: Task, net: torch.nn.Module, figure_batch: Any, run_dir: Path, monitor: Monitor,
@@ -431,9 +453,27 @@ def save_checkpoint(accelerator: Accelerator, model, optimizer, scheduler, progr
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         state = {"model": bare(accelerator, model).state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler, "progress": dataclasses.asdict(progress),
-                 "recipe": json.dumps(recipe_to_dict(recipe))}  # fmt: skip
+                 "recipe": json.dumps(recipe_to_dict(recipe)), "world": accelerator.num_processes}  # fmt: skip
         checkpoint.finish_checkpoint(directory, stage, state, progress.global_step, recipe.checkpoint.keep)
     accelerator.wait_for_everyone()
+
+
+def check_resumable(state: dict[str, Any], path: Path, world: int, recipe: Recipe, has_rng: bool) -> None:
+    """A mid-epoch checkpoint replays the epoch's batch order up to where it stopped; that order depends on the
+    number of ranks, the loader workers and the batch size, so resuming with others would train some samples
+    twice and skip others."""
+    saved_world, saved_data = state.get("world", world), json.loads(state["recipe"])["data"]
+    if not has_rng and saved_world == world:
+        raise TrainingError(f"{path}: this rank's RNG file is missing from a complete checkpoint; delete {path} "
+                            f"to resume from the one before")  # fmt: skip
+    if state["progress"]["step_in_epoch"] == 0:
+        return
+    now = {"ranks": world, "data.workers": recipe.data.workers, "data.batch_size_per_device": recipe.data.batch_size_per_device}
+    then = {"ranks": saved_world, "data.workers": saved_data["workers"], "data.batch_size_per_device": saved_data["batch_size_per_device"]}
+    changed = [f"{key} {then[key]} -> {now[key]}" for key in now if now[key] != then[key]]
+    if changed:
+        raise TrainingError(f"{path} is mid-epoch, and its batch order cannot be replayed with {', '.join(changed)}: "
+                            f"resume with the checkpoint's settings, or delete it to resume from an earlier checkpoint")  # fmt: skip
 
 
 def resume(accelerator: Accelerator, model, optimizer, scheduler, run_dir: Path, recipe: Recipe) -> Progress:
@@ -441,6 +481,7 @@ def resume(accelerator: Accelerator, model, optimizer, scheduler, run_dir: Path,
     if latest is None:
         return Progress()
     state, rng = checkpoint.load_checkpoint(latest, accelerator.process_index)
+    check_resumable(state, latest, accelerator.num_processes, recipe, rng is not None)
     bare(accelerator, model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -1,6 +1,9 @@
 import random
+import shutil
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from imret import checkpoint
@@ -41,3 +44,26 @@ def test_rng_states_round_trip():
     random.seed(7), np.random.seed(7), torch.manual_seed(7)
     checkpoint.set_rng_state(saved)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_saving_a_step_again_never_leaves_a_marked_gutted_checkpoint(tmp_path, monkeypatch):
+    make(tmp_path, 5)
+    real_rmtree = shutil.rmtree
+
+    def killed_while_deleting_a_checkpoint(path, *args, **kwargs):
+        if Path(path).is_dir() and Path(path).name.lstrip(".").startswith(("step-", "old-step-")):
+            (Path(path) / "state.pt").unlink()
+            raise KeyboardInterrupt  # the process dies half-way through the delete
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_while_deleting_a_checkpoint)
+    stage = checkpoint.staging_dir(tmp_path, 5)  # step 5 again, as after a resume from it
+    stage.mkdir()
+    checkpoint.write_rank_rng(stage, 0)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.finish_checkpoint(tmp_path, stage, {"step": 5, "again": True}, 5, keep=2)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    state, _ = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path), 0)
+    assert state == {"step": 5, "again": True}  # the old copy went aside in one rename before any delete
+    make(tmp_path, 7)
+    assert not list(tmp_path.glob(".old-step-*"))

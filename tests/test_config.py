@@ -81,6 +81,8 @@ def test_choice_with_typo_suggests(tmp_path):
         ("data:\n  batch_size_per_device: 0\n", "data.batch_size_per_device: must be >= 1, got 0"),
         ("checkpoint:\n  keep: 1\n", "checkpoint.keep: must be >= 2, got 1"),
         ("data:\n  max_bad_fraction: 1.0\n", "data.max_bad_fraction: must be < 1.0, got 1.0"),
+        ("optim:\n  lr: .nan\n", "optim.lr: must be a finite number, got nan"),
+        ("optim:\n  weight_decay: .inf\n", "optim.weight_decay: must be a finite number, got inf"),
     ],
 )
 def test_out_of_range(tmp_path, text, expected):
@@ -95,6 +97,7 @@ def test_out_of_range(tmp_path, text, expected):
         ("task:\n  positive_min_iou: 0.2\n  negative_max_iou: 0.3\n", "must be below task.positive_min_iou"),
         ("task:\n  margin_start: 2.0\n  margin_end: 1.0\n", "task.margin_end (1.0) is below task.margin_start"),
         ("model:\n  init: run\n", "model.init: run needs model.weights"),
+        ("model:\n  init: scratch\n  weights: runs/x\n", "model.weights (runs/x) is only read with model.init imagenet or run"),
     ],
 )
 def test_conflicts(tmp_path, text, expected):

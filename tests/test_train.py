@@ -16,7 +16,7 @@ from conftest import tiny_recipe_overrides
 from imret.cli import main
 from imret.config import load_recipe
 from imret.errors import ImretError
-from imret.train import Terminated, train
+from imret.train import Terminated, TrainingError, train
 
 RECIPES = sorted(p for p in (Path(__file__).parents[1] / "recipes").glob("*.yaml") if p.name != "study.yaml")
 
@@ -108,35 +108,58 @@ def final_weights(run_dir: Path) -> dict:
     return torch.load(latest / "state.pt", weights_only=True)["model"]
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, train_shards, monkeypatch, caplog):
-    extra = ["augment.hflip=true", "augment.crop=random_resized", "train.max_epochs=2"]
-    straight = train(recipe(tmp_path, train_shards, "straight", extra))
+@pytest.mark.parametrize("accum, signal_at, saved_at", [(1, 3, 3), (3, 2, 3)])  # 20 steps an epoch: 3 leaves a
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, train_shards, monkeypatch, caplog, accum, signal_at,
+                                                      saved_at):  # window of 2 at the end; SIGTERM waits for a window's end  # fmt: skip
+    extra = ["augment.hflip=true", "augment.crop=random_resized", "train.max_epochs=2", f"train.grad_accum_steps={accum}"]
+    straight_recipe = recipe(tmp_path, train_shards, "straight", extra)
+    straight_recipe.run_dir.mkdir(parents=True)  # what a run killed before its first checkpoint left behind
+    (straight_recipe.run_dir / "metrics.jsonl").write_text('{"epoch": 0, "step": 0, "split": "val", "loss": 9.0}\n')
+    straight = train(straight_recipe)
+    assert [r["loss"] for r in records(straight, "val")].count(9.0) == 0
 
     from imret.tasks.multilabel import MultilabelTask
 
     original = MultilabelTask.train_loss
     calls = {"n": 0}
 
-    def sigterm_at_step_3(self, *args):
+    def sigterm_during_a_step(self, *args):
         calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)  # the real signal path: handler, finish the step, save
+        if calls["n"] == signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # the real signal path: handler, finish the window, save
         return original(self, *args)
 
-    monkeypatch.setattr(MultilabelTask, "train_loss", sigterm_at_step_3)
+    monkeypatch.setattr(MultilabelTask, "train_loss", sigterm_during_a_step)
     resumed_recipe = recipe(tmp_path, train_shards, "resumed", extra)
     with pytest.raises(Terminated):
         train(resumed_recipe)
     monkeypatch.setattr(MultilabelTask, "train_loss", original)
+    with pytest.raises(TrainingError, match=r"mid-epoch, .* data.batch_size_per_device 32 -> 16"):
+        train(recipe(tmp_path, train_shards, "resumed", extra + ["data.batch_size_per_device=16"]))
     with caplog.at_level(logging.INFO, logger="imret.train"):
         resumed = train(resumed_recipe)
-    assert "resuming from" in caplog.text and "(epoch 0, step 3)" in caplog.text
+    assert "resuming from" in caplog.text and f"(epoch 0, step {saved_at})" in caplog.text
     a, b = final_weights(straight), final_weights(resumed)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
     steps = [r["step"] for r in records(resumed, "train")]
     assert steps == sorted(set(steps))  # metrics.jsonl was cut back to the checkpoint, no duplicates
+
+
+def test_the_exported_model_is_the_lowest_loss_even_below_min_delta(tmp_path, train_shards, monkeypatch):
+    import imret.train
+
+    losses, real_evaluate = iter([1.1, 1.0, 0.995, 0.99]), imret.train.evaluate
+
+    def scripted(*args, **kwargs):
+        metrics, figure_batch = real_evaluate(*args, **kwargs)
+        return {**metrics, "loss": next(losses)}, figure_batch
+
+    monkeypatch.setattr(imret.train, "evaluate", scripted)
+    run = train(recipe(tmp_path, train_shards, "delta", ["train.max_epochs=3", "train.steps_per_epoch=1",
+                                                         "train.early_stop_min_delta=0.01", "train.early_stop_patience=5"]))  # fmt: skip
+    assert json.loads((run / "model" / "meta.json").read_text())["val"]["loss"] == 0.99
 
 
 def test_a_finished_run_is_not_trained_again(tmp_path, train_shards, caplog):
@@ -213,9 +236,11 @@ def torchrun(*args, timeout=300):
 def test_two_gloo_ranks_train_in_step_to_identical_weights(tmp_path, train_shards):
     path = tmp_path / "recipe.yaml"
     path.write_text("")
-    overrides = tiny_recipe_overrides(train_shards, tmp_path / "runs", "ddp")
+    overrides = tiny_recipe_overrides(train_shards, tmp_path / "runs", "ddp") + ["log.wandb_mode=offline",
+                                                                                 "train.grad_accum_steps=3"]  # fmt: skip
     result = torchrun("-m", "imret", "train", str(path), *[a for o in overrides for a in ("--set", o)])
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]  # closing W&B left the ranks their process group
+    assert list((tmp_path / "runs" / "ddp").glob("wandb/offline-run-*"))
     steps = len(records(tmp_path / "runs" / "ddp", "train"))
     assert "2 ranks agree: 20 steps each" in result.stderr and steps == 20  # 320 samples a rank, batch 32
     assert (tmp_path / "runs" / "ddp" / "model" / "weights.pt").is_file()
