@@ -119,7 +119,7 @@ def cached_masks(masker: Masker, shards: list[tuple[Path, int, int]], cache: Pat
             if batch["last"]:
                 masks = pending.pop(batch["shard"], [])
                 path = cache / f"{missing[batch['shard']][0].stem}.npy"
-                tmp = path.with_name(f".{path.stem}.tmp.npy")
+                tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")  # another job may share this cache
                 np.save(tmp, np.concatenate(masks) if masks else np.zeros((0, 1, 1), np.uint8))
                 os.replace(tmp, path)
     return {shard[0]: np.load(cache / f"{shard[0].stem}.npy", mmap_mode="r") for shard in shards}

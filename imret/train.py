@@ -104,7 +104,8 @@ def train(recipe: Recipe, debug: bool = False) -> Path:
         restore_interrupted_export(run_dir)
     progress = resume(accelerator, model, optimizer, scheduler, run_dir, recipe)
     if progress.finished:
-        log.info("%s already finished (epoch %d); its model is in %s", run_dir, progress.epoch, run_dir / "model")
+        log.info("%s already finished (epoch %d); its model is in %s. To train it further, start a new run.name "
+                 "with model.init=run and model.weights=%s", run_dir, progress.epoch, run_dir / "model", run_dir)  # fmt: skip
         return run_dir
     monitor = Monitor(accelerator, recipe, run_dir, mode)
     monitor.truncate_after(progress.global_step if progress.global_step else -1)  # a fresh start keeps none
