@@ -249,6 +249,10 @@ def score(study: StudyRecipe, embeddings: dict) -> tuple[dict[str, Any], dict[st
             if g_keys != gallery_keys:
                 raise ImretError(f"{splits['train']}: a different gallery from {first['train']}; embed again")
             rows = {key: i for i, key in enumerate(q_keys)}
+            missing = [key for key in query_keys if key not in rows]
+            if missing:
+                raise ImretError(f"{splits['val']}: {len(missing)} of the queries are not embedded (first: {missing[0]}); "
+                                 f"they decoded for {first['val']} but not here: see the embedding warnings")  # fmt: skip
             found = exact_neighbours(g_emb, q_emb[[rows[key] for key in query_keys]], s.k)
             results[name][variant], per_query[name, variant] = scored(neighbour_iou(gallery_labels, query_labels, found))
             neighbours[name, variant] = found
@@ -269,8 +273,9 @@ def score(study: StudyRecipe, embeddings: dict) -> tuple[dict[str, Any], dict[st
         row["p_holm"] = adjusted
     results_json = {"k": s.k, "queries": len(query_keys), "seed": s.seed, "query_keys": query_keys,
                     "results": results, "comparisons": rows}  # fmt: skip
-    details = {"gallery_keys": gallery_keys, "query_keys": query_keys, "neighbours": neighbours,
-               "per_query": per_query, "gallery_labels": gallery_labels, "query_labels": query_labels}  # fmt: skip
+    details = {"gallery_keys": gallery_keys, "validation_count": len(val_keys), "query_keys": query_keys,
+               "neighbours": neighbours, "per_query": per_query, "gallery_labels": gallery_labels,
+               "query_labels": query_labels}  # fmt: skip
     return results_json, details
 
 
