@@ -72,7 +72,8 @@ def train(recipe: Recipe, debug: bool = False) -> Path:
     accelerator = make_accelerator(recipe, mode)
     if debug and accelerator.num_processes > 1:
         raise ImretError("--debug runs in one process: start it without torchrun or accelerate launch")
-    set_seed(recipe.run.seed)  # the same initial weights on every rank
+    # each rank its own crops, flips and turns; DDP copies rank 0's initial weights to every rank in prepare()
+    set_seed(recipe.run.seed + accelerator.process_index)
     main = accelerator.is_main_process
 
     manifest = load_manifest(recipe.data.shards)
