@@ -2,8 +2,9 @@
 
 shards (built from `data.source` when missing) -> train each recipe (a finished run says so; a partial one
 resumes) -> embed every compared model, train split (gallery) and val split (queries), original and with the
-background zeroed by the segmentation run -> retrieval.json -> report.md. Under `accelerate launch` the
-training and embedding stages use every process; building, scoring and the report run on rank 0.
+background zeroed by the segmentation run -> report.md -> retrieval.json (last: it marks the stage done).
+Under `accelerate launch` the training and embedding stages use every process, and scoring and the report run
+on rank 0; the shards must exist already (the study prints the `imret shards build` command when they don't).
 """
 
 from __future__ import annotations
