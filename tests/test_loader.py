@@ -166,7 +166,7 @@ def test_shard_batches_never_span_shards_and_end_each_shard_once(tmp_path, synth
         ends[batch["shard"]] += batch["last"]
     assert ends == Counter({index: 1 for index in range(len(files))})
     expected = {index: [raw["__key__"] for raw in read_shard(*shard)] for index, shard in enumerate(files)}
-    assert seen[1] == [] and {i: keys for i, keys in seen.items() if i != 1} == {i: k for i, k in expected.items() if i != 1}
+    assert dict(seen) == {**expected, 1: []}  # the corrupt shard ends with no keys, the others with all, in order
 
 
 def test_too_many_corrupt_samples_fail_the_run(tmp_path, synth_shards):

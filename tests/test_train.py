@@ -108,9 +108,10 @@ def final_weights(run_dir: Path) -> dict:
     return torch.load(latest / "state.pt", weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("accum, signal_at, saved_at", [(1, 3, 3), (3, 2, 3)])  # 20 steps an epoch: 3 leaves a
+# 20 steps an epoch: accumulating 3 leaves a window of 2 at its end; SIGTERM at step 2 waits for step 3
+@pytest.mark.parametrize("accum, signal_at, saved_at", [(1, 3, 3), (3, 2, 3)])
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, train_shards, monkeypatch, caplog, accum, signal_at,
-                                                      saved_at):  # window of 2 at the end; SIGTERM waits for a window's end  # fmt: skip
+                                                      saved_at):  # fmt: skip
     extra = ["augment.hflip=true", "augment.crop=random_resized", "train.max_epochs=2", f"train.grad_accum_steps={accum}"]
     straight_recipe = recipe(tmp_path, train_shards, "straight", extra)
     straight_recipe.run_dir.mkdir(parents=True)  # what a run killed before its first checkpoint left behind
