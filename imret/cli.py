@@ -76,14 +76,14 @@ def cmd_embed(args: argparse.Namespace) -> None:
     from imret.embed import embed
 
     out = embed(args.run_dir, args.shards, args.split, mask_with=args.mask_with, out=args.out,
-                batch_size=args.batch_size, workers=args.workers)  # fmt: skip
+                batch_size=args.batch_size, workers=args.workers, decode=args.decode)  # fmt: skip
     print(f"embeddings: {out}")
 
 
 def cmd_index_build(args: argparse.Namespace) -> None:
     from imret.index import build_and_save
 
-    print(build_and_save(args.emb_dir, kind=args.kind, device=args.device))
+    print(build_and_save(args.emb_dir, kind=args.kind, device=args.device, float16=args.float16))
 
 
 def cmd_study(args: argparse.Namespace) -> None:
@@ -101,7 +101,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from imret import bench
 
-    result = bench.run(args.what, images=args.images, size=args.size, workers=args.workers)
+    if args.what == "gpu":
+        import torch
+
+        from imret.bench_gpu import run_gpu_bench
+
+        if not torch.cuda.is_available():
+            raise ImretError("imret bench gpu measures a CUDA GPU, and this machine has none visible")
+        result = run_gpu_bench(torch.device("cuda"))
+    else:
+        result = bench.run(args.what, images=args.images, size=args.size, workers=args.workers)
     print(json.dumps(result, indent=1) if args.json else bench.format_result(result))
 
 
@@ -159,13 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--out", metavar="DIR", help="default: RUN_DIR/embeddings/<split>[-masked-<seg run>]")
     embed.add_argument("--batch-size", type=int, default=128)
     embed.add_argument("--workers", type=int, help="decoding processes per rank (default: its share of the cores, at most 8)")
+    embed.add_argument("--decode", choices=["auto", "cpu", "gpu"], default="auto",
+                       help="where JPEGs are decoded (gpu: nvJPEG on the device; auto: gpu on CUDA, else cpu)")
     embed.set_defaults(func=cmd_embed)
 
     index = commands.add_parser("index", help="FAISS index").add_subparsers(dest="action", required=True)
     index_build = index.add_parser("build", help="index an embedding directory (EMB_DIR/index.faiss + sidecar)")
     index_build.add_argument("emb_dir", metavar="EMB_DIR")
     index_build.add_argument("--kind", choices=["flat", "ivfpq"], default="flat")
-    index_build.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto")
+    index_build.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto",
+                             help="auto: every GPU when there are CUDA GPUs (FAISS must have GPU support), else the CPU")
+    index_build.add_argument("--float16", action="store_true", help="store vectors in half precision (flat: half the memory)")
     index_build.set_defaults(func=cmd_index_build)
 
     study = commands.add_parser("study", help="run every stage of a study recipe, skipping finished ones")
@@ -178,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     bench = commands.add_parser("bench", help="measure throughput against a plain baseline")
-    bench.add_argument("what", choices=["loader", "train", "embed", "faiss"])
+    bench.add_argument("what", choices=["loader", "train", "embed", "faiss", "gpu"],
+                       help="gpu: every GPU figure in one run, under 5 minutes (its sizes are fixed)")
     bench.add_argument("--images", type=int, default=2000, help="dataset size (loader) or gallery size (faiss)")
     bench.add_argument("--size", type=int, default=96, help="side of the images the loader yields")
     bench.add_argument("--workers", type=int, default=2)

@@ -42,6 +42,8 @@ class DataConfig:
     shuffle_buffer: int = field(default=1000, metadata=bounds(0))
     max_bad_fraction: float = field(default=0.001, metadata=bounds(0.0, 1.0, hi_open=True))
     zero_background: bool = False  # multiply images by their true mask (the study's masked variant)
+    # where JPEGs are decoded: gpu = nvJPEG on the device (workers only read tars), auto = gpu on CUDA, else cpu
+    decode: Literal["auto", "cpu", "gpu"] = "auto"
 
 
 @dataclass

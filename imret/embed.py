@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from imret.config import AugmentConfig, recipe_from_dict
 from imret.data.augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, denormalise
+from imret.data.device_decode import check_decode_device, images_on_device, resolve_decode
 from imret.data.manifest import load_manifest, manifest_hash, sha256_file, write_json_atomic
 from imret.data.shards import ShardBatches, shard_files
 from imret.errors import ImretError
@@ -98,24 +99,25 @@ class Masker(nn.Module):
 
 
 def batches_by_shard(shards: list[tuple[Path, int, int]], size: int, classes: int, batch_size: int, workers: int,
-                     device: torch.device) -> DataLoader:  # fmt: skip
+                     device: torch.device, decode: str) -> DataLoader:  # fmt: skip
     """One loader over all of this rank's shards: its workers stay up from the first shard to the last."""
     workers = min(workers, len(shards))
-    return DataLoader(ShardBatches(shards, size, classes, batch_size), batch_size=None, num_workers=workers,
-                      pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None)  # fmt: skip
+    return DataLoader(ShardBatches(shards, size, classes, batch_size, keep_jpeg=decode == "gpu"), batch_size=None,
+                      num_workers=workers, pin_memory=device.type == "cuda",
+                      prefetch_factor=2 if workers else None)  # fmt: skip
 
 
 def cached_masks(masker: Masker, shards: list[tuple[Path, int, int]], cache: Path, load_size: int, classes: int,
-                 device: torch.device, batch_size: int, workers: int) -> dict[Path, np.ndarray]:  # fmt: skip
+                 device: torch.device, batch_size: int, workers: int, decode: str) -> dict[Path, np.ndarray]:  # fmt: skip
     """Predicted masks of each shard's samples, in order, cached under the segmentation run: every compared
     model that sees the same crop reuses them instead of running the U-Net again."""
     missing = [shard for shard in shards if not (cache / f"{shard[0].stem}.npy").is_file()]
     if missing:
         cache.mkdir(parents=True, exist_ok=True)
         pending: dict[int, list[np.ndarray]] = defaultdict(list)
-        for batch in batches_by_shard(missing, load_size, classes, batch_size, workers, device):
+        for batch in batches_by_shard(missing, load_size, classes, batch_size, workers, device, decode):
             if batch["key"]:
-                pending[batch["shard"]].append(masker(batch["image"].to(device)).cpu().numpy())
+                pending[batch["shard"]].append(masker(images_on_device(batch, load_size, device)).cpu().numpy())
             if batch["last"]:
                 masks = pending.pop(batch["shard"], [])
                 path = cache / f"{missing[batch['shard']][0].stem}.npy"
@@ -139,13 +141,19 @@ def default_out(source: str, split: str, mask_with: str | None) -> Path:
 
 def embedding_complete(out: Path, fingerprint: dict) -> bool:
     meta_path = Path(out) / "meta.json"
-    return meta_path.is_file() and json.loads(meta_path.read_text()).get("job") == fingerprint
+    if not meta_path.is_file():
+        return False
+    meta = json.loads(meta_path.read_text())
+    return meta.get("job") == fingerprint and "locations" in meta  # older merges lack locations: merged again
 
 
 def embed(source: str, shards: str | Path, split: str, mask_with: str | None = None, out: str | Path | None = None,
-          batch_size: int = 128, workers: int | None = None) -> Path:  # fmt: skip
+          batch_size: int = 128, workers: int | None = None, decode: str = "auto") -> Path:  # fmt: skip
+    """decode: where JPEGs are decoded, as `data.decode` in a recipe (auto: on the GPU when there is one)."""
     # PartialState, not an Accelerator: a study may already hold one with another mixed-precision setting
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    decode = resolve_decode(decode, state.device)
+    check_decode_device(decode, state.device)
     bf16 = state.device.type == "cuda" and torch.cuda.is_bf16_supported()
     if workers is None:  # a GPU embeds far faster than one process decodes
         workers = min(8, max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
@@ -181,17 +189,19 @@ def embed(source: str, shards: str | Path, split: str, mask_with: str | None = N
     mine = files[state.process_index :: state.num_processes]
     classes = len(manifest["classes"])
     todo = [f for f in mine if not (parts / f"{f[0].stem}.npz").is_file()]
-    masks = cached_masks(masker, todo, mask_cache, meta["load_size"], classes, state.device, batch_size, workers) if masker else None
+    masks = (cached_masks(masker, todo, mask_cache, meta["load_size"], classes, state.device, batch_size, workers, decode)
+             if masker else None)  # fmt: skip
     bar = tqdm(total=sum(f[1] for f in todo), desc=f"embed {split}", unit="img", disable=not state.is_local_main_process)
     start = time.perf_counter()
     pending: dict[int, Part] = defaultdict(Part)
-    for batch in batches_by_shard(todo, meta["load_size"], classes, batch_size, workers, state.device):
+    for batch in batches_by_shard(todo, meta["load_size"], classes, batch_size, workers, state.device, decode):
         shard, part = todo[batch["shard"]], pending[batch["shard"]]
         if batch["key"]:
             done, count = len(part.keys), len(batch["key"])
             batch_masks = torch.from_numpy(masks[shard[0]][done : done + count].copy()) if masks is not None else None
+            images = images_on_device(batch, meta["load_size"], state.device)
             with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=bf16):
-                part.vectors.append(embedder(batch["image"].to(state.device, non_blocking=True), batch_masks).cpu().numpy())
+                part.vectors.append(embedder(images, batch_masks).cpu().numpy())
             part.keys += batch["key"]
             part.labels.append(batch["labels"].numpy().astype(np.uint8))
             bar.update(count)
@@ -201,7 +211,7 @@ def embed(source: str, shards: str | Path, split: str, mask_with: str | None = N
     bar.close()
     state.wait_for_everyone()
     if state.is_main_process:
-        merge_parts(out, [parts / f"{f[0].stem}.npz" for f in files], meta, fingerprint, manifest, split)
+        merge_parts(out, [parts / f"{f[0].stem}.npz" for f in files], meta, fingerprint, manifest, split, str(shards))
     state.wait_for_everyone()
     return out
 
@@ -223,7 +233,8 @@ def write_part(path: Path, part: Part, dim: int, classes: int) -> None:
     os.replace(tmp, path)
 
 
-def merge_parts(out: Path, part_paths: list[Path], meta: dict, fingerprint: dict, manifest: dict, split: str) -> None:
+def merge_parts(out: Path, part_paths: list[Path], meta: dict, fingerprint: dict, manifest: dict, split: str,
+                shards: str) -> None:  # fmt: skip
     keys, labels, vectors = [], [], []
     for path in part_paths:
         with np.load(path, allow_pickle=False) as part:
@@ -241,10 +252,19 @@ def merge_parts(out: Path, part_paths: list[Path], meta: dict, fingerprint: dict
     write_json_atomic(out / "meta.json", {
         "model": fingerprint["model"], "task": meta["task"], "layer": meta["embedding"]["layer"],
         "dim": meta["embedding"]["dim"], "count": len(keys), "split": split, "mask_with": fingerprint["mask_with"],
+        "locations": {"model": absolute(fingerprint["model"]), "mask_with": absolute(fingerprint["mask_with"]),
+                      "shards": absolute(shards)},  # for imret search and serve, started from anywhere
         "initialisation": meta["initialisation"], "classes": manifest["classes"],
         "shards_manifest_hash": fingerprint["shards_manifest_hash"], "job": fingerprint,
     })  # fmt: skip
     log.info("%s: %d embeddings of dimension %d (%s layer)", out, len(keys), meta["embedding"]["dim"], meta["embedding"]["layer"])
+
+
+def absolute(location: str | None) -> str | None:
+    """A local path made absolute; the ImageNet baseline's name and None stay as they are."""
+    if location is None or location == IMAGENET_BASELINE:
+        return location
+    return str(Path(location).resolve())
 
 
 def load_embeddings(directory: str | Path) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, Any]]:

@@ -1,33 +1,79 @@
-"""`imret index build EMB_DIR`: a FAISS index over an embedding directory, saved with its sidecar."""
+"""The index of an embedding directory: `EMB_DIR/index.faiss` and its sidecar, which names what it indexes
+(model run, layer, masking, split, shard location and the embedding job), so that `imret search` and
+`imret serve` need nothing else. `imret index build EMB_DIR` writes it; a study writes the exact one it
+scores with, once, and reuses it on a rerun."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from imret.embed import load_embeddings
-from imret.retrieval import build_index, save_index, search
+from imret.errors import ImretError
+from imret.retrieval import build_index, load_index, save_index, search
 
+INDEX_FILE = "index.faiss"
 RECALL_QUERIES, RECALL_K = 1000, 10
 
 
-def build_and_save(emb_dir: str | Path, kind: str = "flat", device: str = "auto") -> str:
+def index_sidecar(meta: dict[str, Any], kind: str, float16: bool) -> dict[str, Any]:
+    return {"model": meta["model"], "layer": meta["layer"], "mask_with": meta["mask_with"], "split": meta["split"],
+            "locations": meta["locations"], "shards_manifest_hash": meta["shards_manifest_hash"], "job": meta["job"],
+            "kind": kind, "float16": float16}  # fmt: skip
+
+
+def saved_sidecar(emb_dir: Path) -> dict[str, Any] | None:
+    path = emb_dir / f"{INDEX_FILE}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def build_and_save(emb_dir: str | Path, kind: str = "flat", device: str = "auto", float16: bool = False) -> str:
     emb_dir = Path(emb_dir)
     embeddings, _, _, meta = load_embeddings(emb_dir)
     start = time.perf_counter()
-    index = build_index(embeddings, kind, device)
+    index = build_index(embeddings, kind, device, float16=float16)
     seconds = time.perf_counter() - start
-    summary = f"{emb_dir / 'index.faiss'}: {kind} index of {len(embeddings)} x {embeddings.shape[1]} in {seconds:.1f} s"
+    summary = f"{emb_dir / INDEX_FILE}: {kind} index of {len(embeddings)} x {embeddings.shape[1]} in {seconds:.1f} s"
     if kind == "ivfpq":  # approximate: say how approximate, against exact search on a sample of queries
         rng = np.random.default_rng(0)
-        sample = embeddings[rng.choice(len(embeddings), size=min(RECALL_QUERIES, len(embeddings)), replace=False)]
+        sample = embeddings[np.sort(rng.choice(len(embeddings), size=min(RECALL_QUERIES, len(embeddings)), replace=False))]
         k = min(RECALL_K, len(embeddings))
         exact = search(build_index(embeddings, "flat", device), sample, k)[1]
         approx = search(index, sample, k)[1]
         recall = np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact)])
         summary += f"; recall@{k} against exact search: {recall:.3f}"
-    save_index(index, emb_dir / "index.faiss", {"model": meta["model"], "layer": meta["layer"], "kind": kind,
-                                                "shards_manifest_hash": meta["shards_manifest_hash"]})  # fmt: skip
+    save_index(index, emb_dir / INDEX_FILE, index_sidecar(meta, kind, float16))
     return summary
+
+
+def exact_gallery_index(emb_dir: Path, embeddings: np.ndarray, meta: dict[str, Any], device: str) -> Any:
+    """The exact (flat, float32) index of a gallery: loaded when one was saved for these embeddings, else built
+    and saved, unless the directory holds another kind built by hand (`imret index build --kind ivfpq`), which
+    is left alone: the study scores with exact search only."""
+    sidecar = saved_sidecar(emb_dir)
+    wanted = {"job": meta["job"], "kind": "flat", "float16": False}
+    if sidecar is not None and all(sidecar.get(k) == v for k, v in wanted.items()):
+        try:
+            return to_devices(load_index(emb_dir / INDEX_FILE, wanted)[0], device)
+        except ImretError:  # damaged: built again below
+            sidecar = None
+    index = build_index(embeddings, "flat", device)
+    if sidecar is None or sidecar.get("job") != meta["job"]:
+        save_index(index, emb_dir / INDEX_FILE, index_sidecar(meta, "flat", False))
+    return index
+
+
+def to_devices(index: Any, device: str) -> Any:
+    """A loaded (CPU) index spread over every GPU when `device` asks for them and there are some."""
+    from imret.retrieval import _faiss, gpu_count
+
+    if not gpu_count(device):
+        return index
+    faiss = _faiss()
+    options = faiss.GpuMultipleClonerOptions()
+    options.shard, options.common_ivf_quantizer, options.useFloat16LookupTables = True, True, True
+    return faiss.index_cpu_to_all_gpus(index, co=options)

@@ -26,49 +26,50 @@ def margin_at(epoch: int, start: float, end: float, epochs: int) -> float:
 
 
 def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, margin: float, positive_min_iou: float,
-                 negative_max_iou: float, mining: str = "batch_hard") -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+                 negative_max_iou: float, mining: str = "batch_hard") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
     """Mean hinge max(0, d(a,p) - d(a,n) + margin) over mined triplets, by L2 distance.
 
     batch_hard: per anchor, its farthest positive against its nearest negative.
     semi_hard: per (anchor, positive), the nearest negative farther than the positive but inside the margin,
     or, when there is none such, the farthest negative (as FaceNet's implementation in TF-Addons does: falling
     back to the hardest one pulls a young embedding into collapse).
-    Returns the loss and statistics: the fraction of mined triplets with non-zero loss ("active"), and mean
-    anchor-positive and anchor-negative distances.
+    Every anchor (and pair) is scored and the invalid ones masked out, so nothing here has a data-dependent
+    shape to read back from the device; semi-hard mining holds a [B, B, B] tensor (a batch, never a dataset).
+    Returns the loss (0, still a graph, when the batch holds no triplet) and 0-d tensor statistics: the
+    number of triplets, the fraction of them with non-zero loss ("active"), and mean anchor-positive and
+    anchor-negative distances (NaN without triplets).
     """
     dist = torch.cdist(embeddings.float(), embeddings.float()).clamp(min=0)
     iou = pairwise_label_iou(labels)
     eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
     positive = (iou >= positive_min_iou) & ~eye
     negative = (iou <= negative_max_iou) & ~eye
-    inf = torch.finfo(dist.dtype).max
-    if mining == "batch_hard":
-        usable = positive.any(1) & negative.any(1)
-        d_pos = torch.where(positive, dist, torch.full_like(dist, -inf)).max(1).values[usable]
-        d_neg = torch.where(negative, dist, torch.full_like(dist, inf)).min(1).values[usable]
-    elif mining == "semi_hard":
-        anchors, positives = torch.nonzero(positive & negative.any(1, keepdim=True), as_tuple=True)
-        d_pos = dist[anchors, positives]
-        d_an = dist[anchors]  # [P, B]
-        neg = negative[anchors]
-        semi = neg & (d_an > d_pos[:, None]) & (d_an < d_pos[:, None] + margin)
-        easiest = torch.where(neg, d_an, torch.full_like(d_an, -inf)).max(1).values
-        semi_hard = torch.where(semi, d_an, torch.full_like(d_an, inf)).min(1).values
-        d_neg = torch.where(semi.any(1), semi_hard, easiest)
+    big = torch.finfo(dist.dtype).max
+    if mining == "batch_hard":  # [B]: one triplet per anchor
+        valid = positive.any(1) & negative.any(1)
+        d_pos = torch.where(positive, dist, -big).amax(1)
+        d_neg = torch.where(negative, dist, big).amin(1)
+    elif mining == "semi_hard":  # [B, B]: one triplet per (anchor, positive) pair; [a, p, n] below
+        valid = positive & negative.any(1, keepdim=True)
+        d_pos = dist
+        d_an, neg = dist[:, None, :], negative[:, None, :]
+        semi = neg & (d_an > d_pos[:, :, None]) & (d_an < d_pos[:, :, None] + margin)
+        easiest = torch.where(neg, d_an, -big).amax(2)
+        semi_hard = torch.where(semi, d_an, big).amin(2)
+        d_neg = torch.where(semi.any(2), semi_hard, easiest)
     else:
         raise ValueError(f"unknown mining {mining!r}")
-    if d_pos.numel() == 0:  # no anchor with both a positive and a negative in this batch
-        zero = embeddings.sum() * 0.0
-        return zero, {"active_fraction": 0.0, "pos_distance": float("nan"), "neg_distance": float("nan"), "triplets": 0}
-    hinge = F.relu(d_pos - d_neg + margin)
-    d_pos, d_neg = d_pos.detach(), d_neg.detach()
-    stats = {
-        "active_fraction": float((hinge.detach() > 0).float().mean()),
-        "pos_distance": float(d_pos.mean()),
-        "neg_distance": float(d_neg.mean()),
-        "triplets": int(d_pos.numel()),
-    }
-    return hinge.mean(), stats
+    hinge = torch.where(valid, F.relu(d_pos - d_neg + margin), 0.0)
+    count = valid.sum()
+    per = count.clamp(min=1)
+    nan = torch.full((), float("nan"), device=dist.device)
+
+    def masked_mean(values: torch.Tensor) -> torch.Tensor:
+        return torch.where(count > 0, torch.where(valid, values.detach(), 0.0).sum() / per, nan)
+
+    stats = {"triplets": count.float(), "active_fraction": masked_mean((hinge > 0).float()),
+             "pos_distance": masked_mean(d_pos), "neg_distance": masked_mean(d_neg)}  # fmt: skip
+    return hinge.sum() / per, stats
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:

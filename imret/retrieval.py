@@ -14,55 +14,108 @@ from typing import Any
 
 import numpy as np
 
+from imret.data.manifest import write_json_atomic
 from imret.errors import ImretError
 from imret.metrics import label_iou
 
-RELEVANT_IOU = 0.5
-PQ_MIN_TRAIN = 39 * 256  # a retrieved image is relevant when its label IoU with the query reaches this
+RELEVANT_IOU = 0.5  # a retrieved image is relevant when its label IoU with the query reaches this
+PQ_MIN_TRAIN = 39 * 256  # 39 training points for each of the 256 centroids of every 8-bit PQ codebook
+TRAIN_PER_LIST, TRAIN_MAX = 64, 1 << 18  # IVF-PQ trains on a seeded sample of at most this many vectors
+ADD_CHUNK = 1 << 16  # vectors copied to the index at a time: the gallery is never converted whole
+FAISS_BUILDS = ("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss-gpu")
+GPU_FIX = "pip uninstall -y faiss-cpu && pip install -e '.[gpu]' (FAISS with CUDA kernels)"
 
 
 def _faiss():
-    import faiss
-
+    builds = installed_faiss_builds()
+    if len(builds) > 1:  # the later install overwrote the other's files; uninstalling either breaks both
+        raise ImretError(f"two FAISS builds share the `faiss` module ({', '.join(f'{n} {v}' for n, v in builds)}): "
+                         f"keep one: pip uninstall -y {' '.join(n for n, _ in builds)} && pip install -e '.[gpu]' "
+                         f"(or '.[cpu]')")  # fmt: skip
+    try:
+        import faiss
+    except ImportError:
+        raise ImretError("FAISS is not installed: pip install -e '.[cpu]', or '.[gpu]' on a machine with NVIDIA GPUs") from None
     faiss.cvar.distance_compute_blas_threshold = 1  # always the BLAS path on the CPU
     return faiss
 
 
-def gpu_count() -> int:
+def installed_faiss_builds() -> list[tuple[str, str]]:
+    """(distribution, version) of each installed FAISS build."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in FAISS_BUILDS:
+        try:
+            found.append((name, version(name)))
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def gpu_count(device: str = "auto") -> int:
+    """The GPUs FAISS will use for `device` (auto|gpu|cpu). A machine whose CUDA GPUs this FAISS cannot use is an
+    error with the fix, not a silent fall back to the CPU; `--device cpu` chooses the CPU on purpose."""
     faiss = _faiss()
-    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if device == "cpu":
+        return 0
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if gpus == 0:
+        import torch
+
+        if torch.cuda.is_available():
+            builds = ", ".join(f"{n} {v}" for n, v in installed_faiss_builds())
+            raise ImretError(f"this machine has CUDA GPUs and the installed FAISS ({builds}) "
+                             f"cannot use them: {GPU_FIX}; or choose the CPU with --device cpu (study.faiss_device: cpu)")  # fmt: skip
+        if device == "gpu":
+            raise ImretError(f"--device gpu: no GPU is visible to FAISS here; {GPU_FIX}")
+    return gpus
 
 
 def build_index(embeddings: np.ndarray, kind: str = "flat", device: str = "auto", nlist: int | None = None,
-                pq_m: int | None = None) -> Any:  # fmt: skip
-    """Exact IndexFlatL2 (default) or IVF-PQ, on every GPU (sharded) when FAISS has GPU support and
-    device allows, else on the CPU."""
+                pq_m: int | None = None, float16: bool = False, seed: int = 0) -> Any:  # fmt: skip
+    """Exact search (IndexFlatL2; with float16, half the memory and distances rounded to half precision) or
+    IVF-PQ, on every GPU (the gallery sharded across them) when FAISS has GPU support, else on the CPU.
+
+    IVF-PQ trains once, on a seeded sample of at most TRAIN_MAX vectors, before the index is spread over the
+    GPUs, so every shard shares one coarse quantizer (and the shards merge back into one index to save it);
+    on the GPU its lookup tables are float16, which 64 sub-quantizers need to fit in shared memory. The
+    vectors are added ADD_CHUNK at a time, so a memory-mapped gallery is never copied whole."""
     faiss = _faiss()
-    x = np.ascontiguousarray(embeddings, dtype=np.float32)
-    n, dim = x.shape
+    n, dim = embeddings.shape
+    gpus = gpu_count(device)
     if kind == "flat":
-        index = faiss.IndexFlatL2(dim)
+        index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16) if float16 and not gpus else faiss.IndexFlatL2(dim)
     elif kind == "ivfpq":
-        if n < PQ_MIN_TRAIN:  # 39 points for each of the 256 centroids of every 8-bit PQ codebook
+        if n < PQ_MIN_TRAIN:
             raise ImretError(f"ivfpq needs at least {PQ_MIN_TRAIN} embeddings to train, got {n}; use --kind flat "
                              f"(exact search is fast at this size)")  # fmt: skip
         nlist = nlist or max(1, min(4096, int(4 * np.sqrt(n)), n // 39))
         pq_m = pq_m or max(m for m in (1, 2, 4, 8, 16, 32, 64) if dim % m == 0 and m <= max(1, dim // 2))
         index = faiss.IndexIVFPQ(faiss.IndexFlatL2(dim), dim, nlist, pq_m, 8)
         index.nprobe = min(nlist, 16)
+        if gpus:  # the coarse k-means, the costly part of training, runs on the GPUs
+            index.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(dim))
+        index.train(training_sample(embeddings, min(n, max(PQ_MIN_TRAIN, TRAIN_PER_LIST * nlist), TRAIN_MAX), seed))
     else:
         raise ImretError(f"unknown index kind '{kind}': flat or ivfpq")
-    gpus = gpu_count()
-    if device == "gpu" and gpus == 0:
-        raise ImretError("--device gpu: this FAISS has no GPU support or sees no GPU (pip install -e '.[gpu]')")
-    if device in ("auto", "gpu") and gpus > 0:
+    if gpus:
         options = faiss.GpuMultipleClonerOptions()
         options.shard = True  # split the gallery across GPUs rather than copying it to each
+        options.common_ivf_quantizer = True  # IVF: the trained quantizer is shared; only the lists are sharded
+        options.useFloat16LookupTables = True
+        options.useFloat16 = float16
         index = faiss.index_cpu_to_all_gpus(index, co=options)
-    if kind == "ivfpq":
-        index.train(x)
-    index.add(x)
+        if kind == "ivfpq":
+            faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", min(nlist, 16))
+    for start in range(0, n, ADD_CHUNK):
+        index.add(np.ascontiguousarray(embeddings[start : start + ADD_CHUNK], dtype=np.float32))
     return index
+
+
+def training_sample(embeddings: np.ndarray, size: int, seed: int) -> np.ndarray:
+    rows = np.sort(np.random.default_rng(seed).choice(len(embeddings), size=size, replace=False))
+    return np.ascontiguousarray(embeddings[rows], dtype=np.float32)
 
 
 def search(index: Any, queries: np.ndarray, k: int, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
@@ -72,8 +125,8 @@ def search(index: Any, queries: np.ndarray, k: int, batch: int = 4096) -> tuple[
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def exact_neighbours(gallery_emb: np.ndarray, query_emb: np.ndarray, k: int) -> np.ndarray:
-    index = build_index(gallery_emb, "flat", device="auto")
+def exact_neighbours(gallery_emb: np.ndarray, query_emb: np.ndarray, k: int, device: str = "auto") -> np.ndarray:
+    index = build_index(gallery_emb, "flat", device=device)
     return search(index, query_emb, k)[1]
 
 
@@ -81,27 +134,27 @@ def exact_neighbours(gallery_emb: np.ndarray, query_emb: np.ndarray, k: int) -> 
 
 
 def save_index(index: Any, path: str | Path, sidecar: dict[str, Any]) -> None:
-    """Write to a temporary name (a GPU index moves to the CPU first), read it back to check it (write_index
-    to a full disk may only print an error), then rename; the sidecar JSON describes what it indexes."""
+    """The index under a temporary name (a GPU index moved to the CPU first, which also merges its shards),
+    written through Python so that a full disk raises rather than only printing an error, flushed to disk and
+    renamed; then its sidecar JSON, last: an index without a sidecar is never loaded."""
     faiss = _faiss()
     path = Path(path)
-    if gpu_count() > 0:  # also merges the IndexShards that spreads the gallery over several GPUs
+    if hasattr(faiss, "index_gpu_to_cpu"):
         index = faiss.index_gpu_to_cpu(index)
+    sidecar_path = path.with_name(f"{path.name}.json")
+    sidecar_path.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        faiss.write_index(index, str(tmp))
-        check = faiss.read_index(str(tmp))
-    except RuntimeError as exc:
+        with open(tmp, "wb") as handle:
+            faiss.write_index(index, faiss.PyCallbackIOWriter(handle.write))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except (OSError, RuntimeError) as exc:
         tmp.unlink(missing_ok=True)
-        raise ImretError(f"writing {path} failed: {str(exc).splitlines()[0]}") from None
-    if check.ntotal != index.ntotal or check.d != index.d:
-        tmp.unlink(missing_ok=True)
-        raise ImretError(f"writing {path}: read back {check.ntotal} x {check.d}, wrote {index.ntotal} x {index.d}")
+        raise ImretError(f"writing {path} failed: {getattr(exc, 'strerror', None) or str(exc).splitlines()[0]}") from None
     meta = {**sidecar, "dim": int(index.d), "count": int(index.ntotal), "bytes": tmp.stat().st_size}
     os.replace(tmp, path)
-    sidecar_tmp = path.with_name(f".{path.name}.json.tmp")
-    sidecar_tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(sidecar_tmp, path.with_name(f"{path.name}.json"))
+    write_json_atomic(sidecar_path, meta)
 
 
 def load_index(path: str | Path, expect: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:

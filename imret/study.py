@@ -36,6 +36,7 @@ class StudySection:
     k: int = field(default=5, metadata=bounds(1, 1000))
     seed: int = 0
     bootstrap_resamples: int = field(default=10_000, metadata=bounds(100))
+    faiss_device: Literal["auto", "gpu", "cpu"] = "auto"  # auto: every GPU when there are CUDA GPUs
 
 
 @dataclass
@@ -66,6 +67,7 @@ class StudyCompare:
 class StudyEmbed:
     batch_size: int = field(default=256, metadata=bounds(1))
     workers: int | None = field(default=None, metadata=bounds(0))  # decoding processes per rank; default: its cores
+    decode: Literal["auto", "cpu", "gpu"] = "auto"  # where JPEGs are decoded, as data.decode in a training recipe
 
 
 @dataclass
@@ -98,9 +100,11 @@ def run_study(study: StudyRecipe) -> Path:
     from accelerate.utils import parse_flag_from_env
 
     from imret.embed import IMAGENET_BASELINE, embed
+    from imret.retrieval import gpu_count
     from imret.train import train
 
     out = Path(study.study.out)
+    gpu_count(study.study.faiss_device)  # a missing or CPU-only FAISS on a GPU machine: said now, not after training
     ensure_shards(study)
     for recipe_path in study.train.recipes:
         log.info("stage train: %s", recipe_path)
@@ -130,7 +134,7 @@ def run_study(study: StudyRecipe) -> Path:
             mask = segmentation if variant == "masked" else None
             embeddings[name][variant] = {
                 split: embed(source, study.data.shards, split, mask_with=mask, out=out / "embeddings" / name / f"{variant}-{split}",
-                             batch_size=study.embed.batch_size, workers=study.embed.workers)  # fmt: skip
+                             batch_size=study.embed.batch_size, workers=study.embed.workers, decode=study.embed.decode)  # fmt: skip
                 for split in ("train", "val")
             }  # fmt: skip
 
@@ -217,7 +221,8 @@ def select_queries(keys: list[str], count: int, seed: int) -> list[str]:
 
 def score(study: StudyRecipe, embeddings: dict) -> tuple[dict[str, Any], dict[str, Any]]:
     from imret.embed import load_embeddings
-    from imret.retrieval import exact_neighbours, ideal_gains, neighbour_iou, random_neighbours, ranking_scores
+    from imret.index import exact_gallery_index
+    from imret.retrieval import ideal_gains, neighbour_iou, random_neighbours, ranking_scores, search
     from imret.stats import holm, paired_test, summary
 
     s = study.study
@@ -245,7 +250,7 @@ def score(study: StudyRecipe, embeddings: dict) -> tuple[dict[str, Any], dict[st
     for name, variants in embeddings.items():
         results[name] = {}
         for variant, splits in variants.items():
-            g_emb, g_labels, g_keys, _ = load_embeddings(splits["train"])
+            g_emb, g_labels, g_keys, g_meta = load_embeddings(splits["train"])
             q_emb, _, q_keys, _ = load_embeddings(splits["val"])
             if g_keys != gallery_keys:
                 raise ImretError(f"{splits['train']}: a different gallery from {first['train']}; embed again")
@@ -254,7 +259,9 @@ def score(study: StudyRecipe, embeddings: dict) -> tuple[dict[str, Any], dict[st
             if missing:
                 raise ImretError(f"{splits['val']}: {len(missing)} of the queries are not embedded (first: {missing[0]}); "
                                  f"they decoded for {first['val']} but not here: see the embedding warnings")  # fmt: skip
-            found = exact_neighbours(g_emb, q_emb[[rows[key] for key in query_keys]], s.k)
+            index = exact_gallery_index(splits["train"], g_emb, g_meta, s.faiss_device)
+            found = search(index, q_emb[[rows[key] for key in query_keys]], s.k)[1]
+            del index
             results[name][variant], per_query[name, variant] = scored(neighbour_iou(gallery_labels, query_labels, found))
             neighbours[name, variant] = found
     random_found = random_neighbours(len(gallery_labels), len(query_keys), s.k, s.seed)

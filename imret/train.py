@@ -34,10 +34,13 @@ from tqdm import tqdm
 from imret import checkpoint
 from imret.config import Recipe, check_against_shards, recipe_to_dict
 from imret.data.augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment
+from imret.data.device_decode import check_decode_device, resolve_decode
 from imret.data.manifest import load_manifest, manifest_hash, write_json_atomic
+from imret.data.prefetch import DevicePrefetcher
 from imret.data.shards import ShardLoader, make_loader
 from imret.errors import ImretError
 from imret.monitor import Monitor, wandb_mode
+from imret.step import NonfiniteGuard, RunningStats, TrainingError
 from imret.tasks import Task, make_task
 
 log = logging.getLogger("imret.train")
@@ -46,10 +49,6 @@ DEBUG_STEPS, DEBUG_VAL_BATCHES, DEBUG_EPOCHS, DEBUG_BATCH = 3, 2, 2, 8
 
 class Terminated(Exception):
     """SIGTERM arrived: the current step finished and a checkpoint was saved. The CLI exits with 143."""
-
-
-class TrainingError(ImretError):
-    pass
 
 
 @dataclass
@@ -72,25 +71,28 @@ def train(recipe: Recipe, debug: bool = False) -> Path:
     accelerator = make_accelerator(recipe, mode)
     if debug and accelerator.num_processes > 1:
         raise ImretError("--debug runs in one process: start it without torchrun or accelerate launch")
+    check_decode_device(resolve_decode(recipe.data.decode, accelerator.device), accelerator.device)
     # each rank its own crops, flips and turns; DDP copies rank 0's initial weights to every rank in prepare()
     set_seed(recipe.run.seed + accelerator.process_index)
     main = accelerator.is_main_process
 
     manifest = load_manifest(recipe.data.shards)
     check_against_shards(recipe, manifest["has_masks"], recipe.data.shards)
-    task = make_task(recipe, manifest["classes"])
+    task = make_task(recipe, manifest["classes"], manifest["splits"]["val"]["samples"])
     with_masks = task.needs_masks or recipe.data.zero_background
     train_loader, val_loader = make_loaders(recipe, accelerator, with_masks)
 
     model = task.build_model()
     if accelerator.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    if recipe.train.compile:
-        model = torch.compile(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay)
+    # fused: one kernel for the update, and it takes the all-ranks skip flag on the device (imret.step)
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay,
+                                 fused=True)  # fmt: skip
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=recipe.optim.plateau_factor, patience=recipe.optim.plateau_patience)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if recipe.train.compile:  # after prepare: DDP inside the compiled wrapper, so `bare` gets the model's own keys
+        model = torch.compile(model)
     train_augment = DeviceAugment(recipe.augment, recipe.data.image_size, recipe.load_size, True,
                                   recipe.data.zero_background).to(accelerator.device)  # fmt: skip
     eval_augment = DeviceAugment(recipe.augment, recipe.data.image_size, recipe.load_size, False,
@@ -115,7 +117,9 @@ def train(recipe: Recipe, debug: bool = False) -> Path:
         metrics, _ = evaluate(task, accelerator, model, val_loader, eval_augment, 0, DEBUG_VAL_BATCHES if debug else None)
         monitor.log("val", 0, 0, metrics)
 
-    stop = StopSignal()
+    guard = NonfiniteGuard(accelerator.device, accelerator.num_processes, device_skip=accelerator.scaler is None,
+                           max_in_row=recipe.train.max_nonfinite_steps)  # fmt: skip
+    stop, stopping = StopSignal(), False
     try:
         for epoch in range(progress.epoch, recipe.train.max_epochs):
             progress.epoch = epoch
@@ -124,14 +128,11 @@ def train(recipe: Recipe, debug: bool = False) -> Path:
             model.train()
             bar = tqdm(total=steps, initial=progress.step_in_epoch, desc=f"epoch {epoch}", disable=not main,
                        unit="step", dynamic_ncols=True)  # fmt: skip
-            window = Window()
-            fetch_start = time.perf_counter()
-            for index, batch in enumerate(islice(train_loader, steps)):
-                if index < progress.step_in_epoch:  # resuming mid-epoch: replay the epoch's order up to here
-                    continue
-                fetched = time.perf_counter()
+            # resuming mid-epoch: the loader replays the epoch's order, and the batches already trained are dropped
+            batches = DevicePrefetcher(islice(train_loader, progress.step_in_epoch, steps), accelerator.device, recipe.load_size)
+            interval = Interval(batches)
+            for index, batch in enumerate(batches, start=progress.step_in_epoch):
                 images, masks = train_augment(batch["image"], batch.get("mask"))
-                labels = batch["labels"].to(accelerator.device, non_blocking=True)
                 if accelerator.device.type == "cuda":
                     images = images.contiguous(memory_format=torch.channels_last)
                 if debug and progress.global_step == 0:
@@ -143,39 +144,33 @@ def train(recipe: Recipe, debug: bool = False) -> Path:
                 sync = index == last
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                     with accelerator.autocast():
-                        loss, stats = task.train_loss(model, images, masks, labels, epoch)
-                    loss_value = float(loss.detach())
-                    nonfinite, stop_requested = agree(accelerator, not math.isfinite(loss_value), stop.requested)
-                    if nonfinite:  # every rank drops the window so far, so no rank all-reduces alone
-                        optimizer.zero_grad(set_to_none=True)
-                        skip_nonfinite_step(accelerator, progress, recipe, math.isfinite(loss_value), batch["key"])
-                    else:
-                        progress.nonfinite_in_row = 0
-                        accelerator.backward(loss / (last - first + 1))
-                        if sync:
-                            optimizer.step()
-                            optimizer.zero_grad(set_to_none=True)
+                        loss, stats = task.train_loss(model, images, masks, batch["labels"], epoch)
+                    guard.observe(loss, batch["key"])
+                    accelerator.backward(loss / (last - first + 1))  # a non-finite window is skipped at its end
+                if sync:
+                    guard.step(optimizer)
+                interval.add({"loss": loss, **stats}, len(images) * accelerator.num_processes)
 
                 progress.step_in_epoch, progress.global_step = index + 1, progress.global_step + 1
-                window.add(loss_value if not nonfinite else None, len(images) * accelerator.num_processes,
-                           fetched - fetch_start, time.perf_counter() - fetched)  # fmt: skip
                 bar.update(1)
-                bar.set_postfix(loss=f"{window.loss:.4f}", img_s=f"{window.images_per_s:.0f}")
                 if debug:
-                    tqdm.write(f"step {progress.global_step}: data {1000 * (fetched - fetch_start):.0f} ms, "
-                               f"compute {1000 * (time.perf_counter() - fetched):.0f} ms, loss {loss_value:.4f}")  # fmt: skip
+                    interval.debug_line(progress.global_step, loss)
                 if progress.global_step % recipe.log.every_n_steps == 0 or index + 1 == steps:
+                    # the interval's one read-back: statistics, skipped steps, and whether any rank got SIGTERM
+                    means = interval.read()
+                    guard.check(accelerator.process_index, progress)
+                    stopping = stopping or agree(accelerator, stop.requested)[0]
+                    bar.set_postfix(loss=f"{means['loss']:.4f}", img_s=f"{means['images_per_s']:.0f}")
                     monitor.log("train", epoch, progress.global_step, {
-                        "loss": window.loss, "lr": optimizer.param_groups[0]["lr"],
-                        "images_per_s": window.images_per_s, "nonfinite_steps": progress.nonfinite_total, **stats})  # fmt: skip
-                    window = Window()
-                if stop_requested and sync:
+                        **means, "lr": optimizer.param_groups[0]["lr"], "nonfinite_steps": progress.nonfinite_total})  # fmt: skip
+                if stopping and sync:
+                    guard.check(accelerator.process_index, progress)
                     save_checkpoint(accelerator, model, optimizer, scheduler, progress, recipe)
                     raise Terminated(f"SIGTERM: saved a checkpoint at step {progress.global_step}")
                 every = recipe.checkpoint.every_n_steps
                 if every and sync and (index + 1) % every == 0 and index + 1 < steps:
+                    guard.check(accelerator.process_index, progress)
                     save_checkpoint(accelerator, model, optimizer, scheduler, progress, recipe)
-                fetch_start = time.perf_counter()
             bar.close()
 
             sync_buffers(accelerator, model)
@@ -248,7 +243,8 @@ def make_loaders(recipe: Recipe, accelerator: Accelerator, with_masks: bool) -> 
     d = recipe.data
     common = dict(batch_size=d.batch_size_per_device, size=recipe.load_size, rank=accelerator.process_index,
                   world=accelerator.num_processes, seed=recipe.run.seed, with_masks=with_masks,
-                  max_bad_fraction=d.max_bad_fraction, pin_memory=accelerator.device.type == "cuda")  # fmt: skip
+                  max_bad_fraction=d.max_bad_fraction, pin_memory=accelerator.device.type == "cuda",
+                  decode=resolve_decode(d.decode, accelerator.device))  # fmt: skip
     train_loader = make_loader(d.shards, "train", training=True, workers=d.workers, shuffle_buffer=d.shuffle_buffer, **common)
     val_loader = make_loader(d.shards, "val", training=False, workers=min(d.workers, 2), **common)
     return train_loader, val_loader
@@ -294,22 +290,6 @@ def agree(accelerator: Accelerator, *flags: bool) -> list[bool]:
     return [bool(v) for v in values.tolist()]
 
 
-def skip_nonfinite_step(accelerator: Accelerator, progress: Progress, recipe: Recipe, finite_here: bool,
-                        keys: list[str]) -> None:  # fmt: skip
-    """Every rank skips the step together; too many in a row stop every rank with the same message."""
-    progress.nonfinite_in_row += 1
-    progress.nonfinite_total += 1
-    reports = gather_object([(accelerator.process_index, finite_here, list(keys)[:8])])
-    bad = [(rank, batch_keys) for rank, finite, batch_keys in reports if not finite]
-    where = "; ".join(f"rank {rank}: {', '.join(batch_keys)}" for rank, batch_keys in bad)
-    if progress.nonfinite_in_row >= recipe.train.max_nonfinite_steps:
-        raise TrainingError(f"non-finite loss for {progress.nonfinite_in_row} steps in a row "
-                            f"(train.max_nonfinite_steps); last batch keys on {where}")  # fmt: skip
-    if accelerator.is_main_process:
-        log.warning("non-finite loss at step %d, skipped on every rank (%d in a row); batch keys on %s",
-                    progress.global_step + 1, progress.nonfinite_in_row, where)  # fmt: skip
-
-
 def sync_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
     """DDP broadcasts buffers (BatchNorm statistics) from rank 0 only at the start of a forward pass, so after
     the last step of an epoch each rank holds its own: send rank 0's before validating and saving."""
@@ -330,26 +310,39 @@ def check_ranks_agree(accelerator: Accelerator, model: torch.nn.Module, progress
         log.info("%d ranks agree: %d steps each, weights checksum %s", len(reports), *reports[0])
 
 
-class Window:
-    """Running loss and throughput between two log lines."""
+class Interval:
+    """One log interval: the loss and the task's statistics summed on the device, and the images and wall time
+    counted on the host; `read` is the interval's one device-to-host copy. The time spent waiting for the loader
+    (`input_wait_fraction`) is the part of the interval a faster input pipeline would win back."""
 
-    def __init__(self):
-        self.losses: list[float] = []
-        self.images, self.seconds = 0, 0.0
+    def __init__(self, batches: DevicePrefetcher):
+        self.batches = batches
+        self.stats = RunningStats()
+        self._restart()
 
-    def add(self, loss: float | None, images: int, data_s: float, compute_s: float) -> None:
-        if loss is not None:
-            self.losses.append(loss)
+    def _restart(self) -> None:
+        self.images, self.start, self.waited = 0, time.perf_counter(), self.batches.wait_s
+        self.step_start, self.step_waited = self.start, self.waited
+
+    def add(self, values: dict[str, Any], images: int) -> None:
+        self.stats.add(values)
         self.images += images
-        self.seconds += data_s + compute_s
 
-    @property
-    def loss(self) -> float:
-        return float(np.mean(self.losses)) if self.losses else math.nan
+    def read(self) -> dict[str, float]:
+        means = self.stats.read()  # waits for the interval's last step: the wall time below is the real one
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        means.update(images_per_s=self.images / seconds, input_wait_fraction=(self.batches.wait_s - self.waited) / seconds)
+        self._restart()
+        return means
 
-    @property
-    def images_per_s(self) -> float:
-        return self.images / self.seconds if self.seconds else 0.0
+    def debug_line(self, step: int, loss: torch.Tensor) -> None:
+        """--debug only: each step's input wait and compute time, which needs a wait for the device every step."""
+        value = float(loss.detach())
+        now, waited = time.perf_counter(), self.batches.wait_s
+        data = waited - self.step_waited
+        tqdm.write(f"step {step}: data {1000 * data:.0f} ms, compute {1000 * (now - self.step_start - data):.0f} ms, "
+                   f"loss {value:.4f}")  # fmt: skip
+        self.step_start, self.step_waited = now, waited
 
 
 def describe_batch(batch: dict[str, Any], images: torch.Tensor, masks: torch.Tensor | None) -> None:
@@ -375,11 +368,11 @@ def evaluate(task: Task, accelerator: Accelerator, model: torch.nn.Module, loade
     outputs: dict[str, list[np.ndarray]] = {}
     figure_batch = None
     with torch.no_grad():
-        for batch in islice(loader, max_batches):
+        for batch in DevicePrefetcher(islice(loader, max_batches), accelerator.device, augment.load_size):
             images, masks = augment(batch["image"], batch.get("mask"))
-            labels = batch["labels"].to(accelerator.device)
+            labels = batch["labels"]
             with accelerator.autocast():
-                for key, value in task.val_outputs(net, images, masks, labels).items():
+                for key, value in task.val_outputs(net, images, masks, labels, batch["key"]).items():
                     outputs.setdefault(key, []).append(value)
             if figure_batch is None:
                 figure_batch = (images[:8], masks[:8] if masks is not None else None, labels[:8])

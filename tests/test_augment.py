@@ -70,3 +70,51 @@ def test_quarter_turns_are_four_distinct_exact_rotations():
     assert len({tuple(t.flatten().tolist()) for t in turned}) == 4
     back = quarter_turns(turned, (4 - torch.arange(4)) % 4)
     assert torch.equal(back, image.repeat(4, 1, 1, 1))
+
+
+@pytest.mark.parametrize("crop", ["random", "random_resized", "none"])
+def test_augmentation_compiles_as_one_graph_so_it_never_reads_back(crop):
+    """fullgraph=True refuses anything that reads a device value on the host (kornia's per-sample crops do)."""
+    images, masks = blocky_batch()
+    aug = DeviceAugment(AugmentConfig(crop=crop, hflip=True, color_jitter=1.0), 48, 64, training=True)
+    x, m = torch.compile(aug, fullgraph=True, backend="eager")(images, masks)
+    assert x.shape == (6, 3, 48, 48) and m.shape == (6, 1, 48, 48)
+    turns = torch.compile(quarter_turns, fullgraph=True, backend="eager")(x, torch.tensor([0, 1, 2, 3, 0, 1]))
+    assert turns.shape == x.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_augmentation_on_cuda_makes_no_device_sync():
+    images, masks = blocky_batch()
+    aug = DeviceAugment(AugmentConfig(crop="random_resized", hflip=True, color_jitter=1.0), 48, 64, training=True).cuda()
+    images, masks = images.cuda(), masks.cuda()
+    aug(images, masks)  # warm-up: kernels loaded
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x, m = aug(images, masks)
+        quarter_turns(x, torch.randint(0, 4, (len(x),), device="cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_random_crop_and_flip_copy_pixels_exactly():
+    """A random crop from load_size to image_size samples pixel centres: every output pixel is an input pixel
+    (its position written into the red and green channels), rows and columns in one window, mirrored when
+    flipped, and the mask is read at exactly the same positions."""
+    rows, cols = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    images = torch.stack([4 * rows, 4 * cols, torch.zeros_like(rows)]).to(torch.uint8).repeat(8, 1, 1, 1)
+    masks = ((rows + 2 * cols) % 3 == 0).to(torch.uint8)[None, None].repeat(8, 1, 1, 1)
+    torch.manual_seed(0)
+    x, m = DeviceAugment(AugmentConfig(crop="random", hflip=True), 48, 64, training=True)(images, masks)
+    position = torch.round(denormalise(x) * 255 / 4).long()
+    flips = set()
+    for i in range(8):
+        source_rows, source_cols = position[i, 0], position[i, 1]
+        top, left = int(source_rows.min()), int(source_cols.min())
+        assert torch.equal(source_rows, (top + torch.arange(48))[:, None].expand(48, 48))
+        flipped = bool(source_cols[0, 0] > source_cols[0, -1])
+        window = left + torch.arange(48)
+        assert torch.equal(source_cols, (window.flip(0) if flipped else window)[None].expand(48, 48))
+        assert torch.equal(m[i, 0], masks[i, 0][source_rows, source_cols].float())
+        flips.add(flipped)
+    assert flips == {False, True}

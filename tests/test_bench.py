@@ -1,5 +1,8 @@
 """The benchmarks run end to end on tiny sizes (their numbers are measured by hand, never asserted)."""
 
+import pytest
+import torch
+
 from imret.bench import bench_embed, bench_faiss, bench_loader, format_result
 
 
@@ -13,3 +16,25 @@ def test_loader_and_faiss_benchmarks_run():
 def test_the_embedding_benchmark_compares_equal_work():
     result = bench_embed(images=80, size=64, workers=1)  # 96 px photos to 72: too close for reduced JPEG decoding
     assert result["images"] == 72 and result["max_abs_difference"] < 1e-4  # the baseline computes the same vectors
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_the_gpu_benchmark_refuses_a_machine_without_cuda_in_one_line(capsys):
+    from imret.cli import main
+
+    assert main(["bench", "gpu", "--json"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["imret: error: imret bench gpu measures a CUDA GPU, and this machine has none visible"]
+
+
+def test_the_gpu_benchmark_code_runs_at_toy_size_on_the_cpu():
+    """Every stage of `imret bench gpu` (the worker-decoding runs only: nvJPEG needs CUDA), so the one run a
+    lent GPU gets does not die on a typo."""
+    from imret.bench_gpu import TINY, run_gpu_bench
+
+    result = run_gpu_bench(torch.device("cpu"), TINY, cpu_workers=[1])
+    assert set(result["shards"]) == {"decode_cpu_workers_1"}
+    for figures in (result["in_memory"], result["shards"]["decode_cpu_workers_1"], result["unet_in_memory"]):
+        assert figures["images_per_s"] > 0 and figures["of_ceiling"] > 0
+    assert result["decode"]["cpu_core_images_per_s"] > 0 and result["embed_images_per_s"] > 0
+    assert 0.5 < result["faiss"]["ivfpq_recall_at_10"] <= 1.0

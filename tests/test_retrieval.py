@@ -133,3 +133,50 @@ def test_padded_neighbours_are_refused_not_scored():
     labels = np.eye(3, dtype=np.uint8)
     with pytest.raises(ImretError, match="k exceeds the gallery"):
         retrieval_iou(np.eye(3, dtype=np.float32), labels, np.eye(3, dtype=np.float32)[:1], labels[:1], k=5)
+
+
+def test_float16_flat_and_ivfpq_round_trip_from_a_memory_map(tmp_path, monkeypatch):
+    """Built from a memory-mapped gallery added in chunks, IVF-PQ trained once on a bounded sample, both saved and
+    read back to the same neighbours; float16 storage finds what float32 exact search finds."""
+    import imret.retrieval as retrieval
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(30, 32)) * 5
+    np.save(tmp_path / "gallery.npy", (centres[rng.integers(0, 30, 12_000)] + rng.normal(size=(12_000, 32))).astype(np.float32))
+    gallery = np.load(tmp_path / "gallery.npy", mmap_mode="r")
+    monkeypatch.setattr(retrieval, "ADD_CHUNK", 5000)  # three adds
+    queries = np.asarray(gallery[:100])
+    exact = search(build_index(gallery, "flat", "cpu"), queries, 10)[1]
+    half = build_index(gallery, "flat", "cpu", float16=True)
+    found = search(half, queries, 10)[1]
+    assert half.ntotal == 12_000 and np.mean([len(set(a) & set(e)) / 10 for a, e in zip(found, exact)]) > 0.98
+
+    trained_on = []
+    original = retrieval.training_sample
+    monkeypatch.setattr(retrieval, "TRAIN_MAX", 10_000)
+    monkeypatch.setattr(retrieval, "training_sample", lambda *a: trained_on.append(len(original(*a))) or original(*a))
+    ivf = build_index(gallery, "ivfpq", "cpu")
+    assert trained_on == [10_000] and ivf.ntotal == 12_000
+    for name, index in (("half", half), ("ivf", ivf)):
+        path = tmp_path / f"{name}.faiss"
+        save_index(index, path, {"model": "m"})
+        loaded, _ = load_index(path)
+        assert np.array_equal(search(loaded, queries, 10)[1], search(index, queries, 10)[1])
+
+
+def test_a_gpu_machine_without_gpu_faiss_is_told_the_fix(monkeypatch):
+    """A CUDA machine whose FAISS cannot use the GPUs: an error naming the fix, not a silent CPU search;
+    --device cpu is the deliberate way to search on the CPU. Two FAISS builds at once are refused too."""
+    import torch
+
+    import imret.retrieval as retrieval
+
+    if retrieval._faiss().get_num_gpus() > 0:
+        pytest.skip("this FAISS has GPU support")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ImretError, match=r"cannot use them: pip uninstall -y faiss-cpu && pip install -e '\.\[gpu\]'"):
+        retrieval.gpu_count("auto")
+    assert retrieval.gpu_count("cpu") == 0
+    monkeypatch.setattr(retrieval, "installed_faiss_builds", lambda: [("faiss-cpu", "1.15.1"), ("faiss-gpu-cu12", "1.14.1")])
+    with pytest.raises(ImretError, match=r"two FAISS builds share the `faiss` module .*pip uninstall -y faiss-cpu faiss-gpu-cu12"):
+        retrieval.gpu_count("cpu")

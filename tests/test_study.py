@@ -150,6 +150,14 @@ def test_a_tiny_study_end_to_end_and_twice(tmp_path, train_shards, offline, capl
     assert "already finished" in caplog.text and "nothing to do" in caplog.text
     assert (out / "retrieval.json").stat().st_mtime_ns == stamp
 
+    # each gallery's exact index was saved beside its embeddings, naming what it indexes, and a rescoring reuses it
+    index_paths = sorted((out / "embeddings").glob("*/*-train/index.faiss"))
+    assert len(index_paths) == 4
+    sidecar = json.loads((out / "embeddings" / "rotation" / "masked-train" / "index.faiss.json").read_text())
+    assert sidecar["kind"] == "flat" and sidecar["split"] == "train" and sidecar["mask_with"].endswith("seg")
+    assert Path(sidecar["locations"]["shards"]).is_absolute() and Path(sidecar["locations"]["model"], "model").is_dir()
+    index_stamps = [p.stat().st_mtime_ns for p in index_paths]
+
     # a report that fails half-way leaves no retrieval.json, so the next run redoes it (here with 3 queries,
     # fewer than the retrieval grids' 4 rows)
     with monkeypatch.context() as patch:
@@ -159,6 +167,7 @@ def test_a_tiny_study_end_to_end_and_twice(tmp_path, train_shards, offline, capl
     assert not (out / "retrieval.json").exists()
     run_study(load_study(study_path, ["study.queries=3"]))
     assert json.loads((out / "retrieval.json").read_text())["queries"] == 3 and "3 validation images" in report.read_text()
+    assert [p.stat().st_mtime_ns for p in index_paths] == index_stamps  # loaded, not built again
     with pytest.raises(ImretError, match="study.k=1000 exceeds the gallery"):
         run_study(load_study(study_path, ["study.k=1000"]))
 

@@ -256,5 +256,27 @@ def test_a_nan_on_one_rank_stops_both_with_the_same_message(tmp_path, train_shar
     assert result.returncode == 0, result.stderr[-3000:]
     ends = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert not ends[0]["ok"] and ends[0] == ends[1]
-    assert "non-finite loss for 3 steps in a row" in ends[0]["error"] and "rank 1: synth-" in ends[0]["error"]
+    assert "non-finite loss for 3 optimiser steps in a row" in ends[0]["error"] and "rank 1: synth-" in ends[0]["error"]
     assert "rank 0:" not in ends[0]["error"]
+
+
+def test_compiled_training_on_two_ranks_exports_a_model_that_embeds_and_starts_a_run(tmp_path, train_shards):
+    """train.compile under DDP: the export and checkpoints carry the model's own keys (no `_orig_mod.`), so
+    `imret embed` and `model.init: run` take them."""
+    from imret.embed import embed, load_embeddings
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("")
+    overrides = tiny_recipe_overrides(train_shards, tmp_path / "runs", "compiled") + [
+        "train.compile=true", "train.max_epochs=1", "train.steps_per_epoch=3"]  # fmt: skip
+    result = torchrun("-m", "imret", "train", str(path), *[a for o in overrides for a in ("--set", o)], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 ranks agree: 3 steps each" in result.stderr
+    run = tmp_path / "runs" / "compiled"
+    for state in (torch.load(run / "model" / "weights.pt", weights_only=True), final_weights(run)):
+        assert state and not [key for key in state if "_orig_mod" in key or key.startswith("module.")]
+    vectors, _, keys, meta = load_embeddings(embed(str(run), train_shards, "val", out=tmp_path / "emb", workers=0))
+    assert vectors.shape == (len(keys), 256) and meta["layer"] == "pooled"
+    follow = train(recipe(tmp_path, train_shards, "follow", ["model.init=run", f"model.weights={run}",
+                                                              "train.max_epochs=1", "train.steps_per_epoch=1"]))  # fmt: skip
+    assert json.loads((follow / "model" / "meta.json").read_text())["initialisation"].startswith(f"run {run}")

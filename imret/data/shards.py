@@ -60,7 +60,17 @@ def decode_mask(data: bytes, size: int) -> torch.Tensor:
     return torch.from_numpy((np.asarray(img) > 127).astype(np.uint8))[None]
 
 
-def decode_sample(sample: dict[str, Any], size: int, num_classes: int, with_masks: bool) -> dict[str, Any]:
+def jpeg_bytes(data: bytes) -> torch.Tensor | None:
+    """The JPEG's bytes as a 1-d uint8 tensor for decoding on the device, or None when the data is not a JPEG
+    (a PNG stored as .jpg, say). Only the header is parsed: a damaged one is caught here, in the worker."""
+    if Image.open(io.BytesIO(data)).format != "JPEG":
+        return None
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def decode_sample(sample: dict[str, Any], size: int, num_classes: int, with_masks: bool,
+                  keep_jpeg: bool = False) -> dict[str, Any]:  # fmt: skip
+    """keep_jpeg (data.decode: gpu): a JPEG stays encoded, a 1-d uint8 tensor that the device decodes."""
     image_ext = next((ext for ext in IMAGE_EXTS if ext in sample), None)
     if image_ext is None or "json" not in sample:
         raise BadSample(f"has no {'image' if image_ext is None else 'json'} member")
@@ -70,7 +80,10 @@ def decode_sample(sample: dict[str, Any], size: int, num_classes: int, with_mask
     if any(not isinstance(i, int) or not 0 <= i < num_classes for i in ids):
         raise BadSample(f"label ids {ids} outside 0..{num_classes - 1}")
     labels[ids] = 1.0
-    out = {"image": decode_image(sample[image_ext], size), "labels": labels, "key": sample["__key__"]}
+    image = jpeg_bytes(sample[image_ext]) if keep_jpeg and image_ext in ("jpg", "jpeg") else None
+    if image is None:
+        image = decode_image(sample[image_ext], size)
+    out = {"image": image, "labels": labels, "key": sample["__key__"]}
     if with_masks:
         if "mask.png" not in sample:
             raise BadSample("has no mask")
@@ -126,14 +139,24 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shard_dir: str | Path, split: str, *, size: int, rank: int, world: int, workers: int,
                  training: bool, seed: int = 0, shuffle_buffer: int = 0, with_masks: bool = False,
-                 max_bad_fraction: float = 0.0):  # fmt: skip
+                 max_bad_fraction: float = 0.0, keep_jpeg: bool = False):  # fmt: skip
         self.manifest = load_manifest(shard_dir)
         self.shards = shard_files(shard_dir, self.manifest, split)
         self.split, self.size, self.rank, self.world = split, size, rank, world
         self.workers, self.training, self.seed = max(1, workers), training, seed
         self.shuffle_buffer, self.with_masks, self.max_bad_fraction = shuffle_buffer, with_masks, max_bad_fraction
+        self.keep_jpeg = keep_jpeg
         self.num_classes = len(self.manifest["classes"])
-        self.epoch = 0
+        # shared memory: persistent loader workers hold their own copy of this object and read the epoch here
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.fill_(value)
 
     def assignment(self, epoch: int) -> list[list[list[tuple[Path, int, int]]]]:
         """[rank][worker] -> shards: a seeded permutation per epoch when training, manifest order otherwise."""
@@ -157,17 +180,18 @@ class ShardStream(IterableDataset):
         return samples
 
     def _decoded(self, shards: list[tuple[Path, int, int]], allowed: int) -> Iterator[dict[str, Any]]:
-        return decoded_samples(shards, self.size, self.num_classes, self.with_masks, allowed, self.max_bad_fraction)
+        return decoded_samples(shards, self.size, self.num_classes, self.with_masks, allowed, self.max_bad_fraction,
+                               self.keep_jpeg)  # fmt: skip
 
 
 def decoded_samples(shards: list[tuple[Path, int, int]], size: int, num_classes: int, with_masks: bool,
-                    allowed_bad: int, max_bad_fraction: float) -> Iterator[dict[str, Any]]:  # fmt: skip
+                    allowed_bad: int, max_bad_fraction: float, keep_jpeg: bool = False) -> Iterator[dict[str, Any]]:  # fmt: skip
     """Decoded samples of (path, samples, bytes) shards in order; corrupt ones skipped and counted."""
     bad = 0
     for path, samples, nbytes in shards:
         for raw in read_shard(path, samples, nbytes):
             try:
-                yield decode_sample(raw, size, num_classes, with_masks)
+                yield decode_sample(raw, size, num_classes, with_masks, keep_jpeg)
             except (BadSample, OSError, ValueError, KeyError, TypeError, UnidentifiedImageError) as exc:
                 bad += 1
                 log.warning("skipping corrupt sample %s in %s: %s", raw.get("__key__"), path.name, exc)
@@ -183,14 +207,17 @@ class ShardBatches(IterableDataset):
     batch of a shard says so (`last`), so the embedding job can write a shard's part the moment it is done.
     Use it with `DataLoader(batch_size=None)`; worker w decodes shards w, w + workers, ..."""
 
-    def __init__(self, shards: list[tuple[Path, int, int]], size: int, num_classes: int, batch_size: int):
+    def __init__(self, shards: list[tuple[Path, int, int]], size: int, num_classes: int, batch_size: int,
+                 keep_jpeg: bool = False):  # fmt: skip
         self.shards, self.size, self.num_classes, self.batch_size = shards, size, num_classes, batch_size
+        self.keep_jpeg = keep_jpeg
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for index in range(worker, len(self.shards), workers):
-            samples = decoded_samples([self.shards[index]], self.size, self.num_classes, False, self.shards[index][1], 1.0)
+            samples = decoded_samples([self.shards[index]], self.size, self.num_classes, False, self.shards[index][1],
+                                      1.0, self.keep_jpeg)  # fmt: skip
             batch = list(islice(samples, self.batch_size))
             while True:
                 following = list(islice(samples, self.batch_size))
@@ -203,8 +230,17 @@ class ShardBatches(IterableDataset):
         if not samples:  # a shard whose every sample failed to decode still reports that it is done
             return {"shard": shard, "last": last, "key": [], "image": torch.zeros(0, 3, self.size, self.size, dtype=torch.uint8),
                     "labels": torch.zeros(0, self.num_classes)}  # fmt: skip
-        return {"shard": shard, "last": last, "key": [s["key"] for s in samples],
-                "image": torch.stack([s["image"] for s in samples]), "labels": torch.stack([s["labels"] for s in samples])}  # fmt: skip
+        return {"shard": shard, "last": last, **collate_samples(samples)}
+
+
+def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a batch; when some images are still JPEG bytes (data.decode: gpu), the images stay a list."""
+    images = [s["image"] for s in samples]
+    batch = {"image": torch.stack(images) if all(image.dim() == 3 for image in images) else images,
+             "labels": torch.stack([s["labels"] for s in samples]), "key": [s["key"] for s in samples]}  # fmt: skip
+    if "mask" in samples[0]:
+        batch["mask"] = torch.stack([s["mask"] for s in samples])
+    return batch
 
 
 def fetch_images(shard_dir: str | Path, split: str, keys: set[str], size: int) -> dict[str, np.ndarray]:
@@ -242,7 +278,8 @@ class ShardLoader:
                             "--samples-per-shard gives more shards)", usable, stream.split, usable, workers, usable)  # fmt: skip
                 workers = stream.workers = usable
         self.loader = DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=stream.training,
-                                 pin_memory=pin_memory, prefetch_factor=4 if workers else None,
+                                 collate_fn=collate_samples, pin_memory=pin_memory,
+                                 prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
                                  generator=torch.Generator())  # leaves the global RNG alone: resumed runs replay it  # fmt: skip
         if stream.training and len(self) == 0:
             raise DataError(f"the {stream.split} split gives no full batch of {batch_size} on some rank: "
@@ -267,10 +304,12 @@ class ShardLoader:
 
 def make_loader(shard_dir: str | Path, split: str, *, batch_size: int, size: int, training: bool, rank: int = 0,
                 world: int = 1, workers: int = 0, seed: int = 0, shuffle_buffer: int = 0,
-                with_masks: bool = False, max_bad_fraction: float = 0.0, pin_memory: bool = False) -> ShardLoader:  # fmt: skip
+                with_masks: bool = False, max_bad_fraction: float = 0.0, pin_memory: bool = False,
+                decode: str = "cpu") -> ShardLoader:  # fmt: skip
+    """decode: "cpu" decodes images in the workers; "gpu" hands JPEGs over as bytes (imret.data.device_decode)."""
     stream = ShardStream(shard_dir, split, size=size, rank=rank, world=world, workers=workers, training=training,
                          seed=seed, shuffle_buffer=shuffle_buffer, with_masks=with_masks,
-                         max_bad_fraction=max_bad_fraction)  # fmt: skip
+                         max_bad_fraction=max_bad_fraction, keep_jpeg=decode == "gpu")  # fmt: skip
     if with_masks and not stream.manifest["has_masks"]:
         raise DataError(f"{shard_dir}: masks were asked for, and these shards have none")
     return ShardLoader(stream, batch_size, workers, pin_memory)

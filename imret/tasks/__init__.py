@@ -19,5 +19,5 @@ TASKS: dict[str, type[Task]] = {
 }
 
 
-def make_task(recipe, classes: list[str]) -> Task:
-    return TASKS[recipe.task.name](recipe, classes)
+def make_task(recipe, classes: list[str], val_samples: int = 0) -> Task:
+    return TASKS[recipe.task.name](recipe, classes, val_samples)

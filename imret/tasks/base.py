@@ -17,8 +17,9 @@ class Task:
     name = ""
     needs_masks = False
 
-    def __init__(self, recipe: Recipe, classes: list[str]):
+    def __init__(self, recipe: Recipe, classes: list[str], val_samples: int = 0):
         self.recipe, self.classes = recipe, classes
+        self.val_samples = val_samples  # the validation split's size, for tasks that sample it
         self.initialisation = ""
         self.embedding_dim = 0
 
@@ -32,12 +33,14 @@ class Task:
         raise NotImplementedError
 
     def train_loss(self, model: nn.Module, images: torch.Tensor, masks: torch.Tensor | None,
-                   labels: torch.Tensor, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+                   labels: torch.Tensor, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:  # fmt: skip
+        """The batch's loss and statistics to log; tensors stay on the device (the loop reads them once per
+        log interval), so nothing here may read a value back (`float(tensor)`, `.item()`, boolean indexing)."""
         raise NotImplementedError
 
     def val_outputs(self, model: nn.Module, images: torch.Tensor, masks: torch.Tensor | None,
-                    labels: torch.Tensor) -> dict[str, np.ndarray]:  # fmt: skip
-        """Per-sample arrays (first axis = batch) that are gathered from every rank for val_metrics."""
+                    labels: torch.Tensor, keys: list[str]) -> dict[str, np.ndarray]:  # fmt: skip
+        """Per-sample arrays (first axis = samples) that are gathered from every rank for val_metrics."""
         raise NotImplementedError
 
     def val_metrics(self, outputs: dict[str, np.ndarray], epoch: int) -> dict[str, float]:

@@ -29,7 +29,7 @@ class MultilabelTask(Task):
     def train_loss(self, model, images, masks, labels, epoch):
         return F.binary_cross_entropy_with_logits(model(images).float(), labels), {}
 
-    def val_outputs(self, model, images, masks, labels):
+    def val_outputs(self, model, images, masks, labels, keys):
         logits = model(images).float()
         loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1)
         return {"loss": cpu(loss), "prob": cpu(torch.sigmoid(logits)), "labels": cpu(labels)}

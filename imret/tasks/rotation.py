@@ -26,9 +26,9 @@ class RotationTask(Task):
     def train_loss(self, model, images, masks, labels, epoch):
         turns = torch.randint(0, TURNS, (len(images),), device=images.device)
         logits = model(quarter_turns(images, turns)).float()
-        return F.cross_entropy(logits, turns), {"accuracy": float((logits.argmax(1) == turns).float().mean())}
+        return F.cross_entropy(logits, turns), {"accuracy": (logits.argmax(1) == turns).float().mean()}
 
-    def val_outputs(self, model, images, masks, labels):
+    def val_outputs(self, model, images, masks, labels, keys):
         losses, correct = [], []
         for k in range(TURNS):
             turns = torch.full((len(images),), k, device=images.device)

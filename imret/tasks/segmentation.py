@@ -34,7 +34,7 @@ class SegmentationTask(Task):
     def train_loss(self, model, images, masks, labels, epoch):
         return dice_loss(model(images), masks).mean(), {}
 
-    def val_outputs(self, model, images, masks, labels):
+    def val_outputs(self, model, images, masks, labels, keys):
         logits = model(images)
         pred = (torch.sigmoid(logits.float()) > 0.5).squeeze(1)
         return {"loss": cpu(dice_loss(logits, masks)), "iou": mask_iou(cpu(pred), cpu(masks.squeeze(1)))}
