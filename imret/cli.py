@@ -24,13 +24,14 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
 def cmd_shards_build(args: argparse.Namespace) -> None:
     from imret.data.build import build_shards
 
-    manifest = build_shards(args.src, args.format, args.out, val_fraction=args.val_fraction, seed=args.seed,
+    manifest = build_shards(args.src, args.format, args.out, val_fraction=args.val_fraction,
+                            test_fraction=args.test_fraction, seed=args.seed,
                             samples_per_shard=args.samples_per_shard, max_side=args.max_side,
                             workers=args.workers, overwrite=args.overwrite, strict=args.strict,
                             require_masks=args.require_masks)  # fmt: skip
     splits = manifest["splits"]
-    print(f"{args.out}: {splits['train']['samples']} train and {splits['val']['samples']} val samples in "
-          f"{len(splits['train']['shards']) + len(splits['val']['shards'])} shards; "
+    counts = ", ".join(f"{splits[s]['samples']} {s}" for s in splits if s != "test" or splits[s]["samples"])
+    print(f"{args.out}: {counts} samples in {sum(len(split['shards']) for split in splits.values())} shards; "
           f"{len(manifest['rejected'])} rejected")  # fmt: skip
     for reject in manifest["rejected"][:20]:
         print(f"  rejected {reject['source']}: {reject['reason']}")
@@ -76,7 +77,7 @@ def cmd_embed(args: argparse.Namespace) -> None:
     from imret.embed import embed
 
     out = embed(args.run_dir, args.shards, args.split, mask_with=args.mask_with, out=args.out,
-                batch_size=args.batch_size, workers=args.workers, decode=args.decode)  # fmt: skip
+                batch_size=args.batch_size, workers=args.workers, decode=args.decode, layer=args.layer)  # fmt: skip
     print(f"embeddings: {out}")
 
 
@@ -95,7 +96,7 @@ def cmd_study(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from imret.study import demo
 
-    print(f"report: {demo(args.out)}")
+    print(f"report: {demo(args.out, seed=args.seed)}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -132,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("src", metavar="SRC")
     build.add_argument("--format", required=True, choices=["folder", "imaterialist", "ccp"])
     build.add_argument("--out", required=True, metavar="DIR")
-    build.add_argument("--val-fraction", type=float, default=0.1)
+    build.add_argument("--val-fraction", type=float, default=0.1, help="chooses each model's epoch and threshold")
+    build.add_argument("--test-fraction", type=float, default=0.0,
+                       help="a held-out test split, for the study's queries (default 0: none)")
     build.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     build.add_argument("--samples-per-shard", type=int, default=1000)
     build.add_argument("--max-side", type=int, default=None, metavar="PX", help="downscale larger images")
@@ -163,11 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     embed = commands.add_parser("embed", help="embed a split with a trained model (also under accelerate launch)")
     embed.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or imagenet-resnet18")
     embed.add_argument("--shards", required=True, metavar="DIR")
-    embed.add_argument("--split", required=True, choices=["train", "val"])
+    embed.add_argument("--split", required=True, choices=["train", "val", "test"])
     embed.add_argument("--mask-with", metavar="SEG_RUN_DIR", help="zero the background with this U-Net's masks")
     embed.add_argument("--out", metavar="DIR", help="default: RUN_DIR/embeddings/<split>[-masked-<seg run>]")
     embed.add_argument("--batch-size", type=int, default=128)
     embed.add_argument("--workers", type=int, help="decoding processes per rank (default: its share of the cores, at most 8)")
+    embed.add_argument("--layer", choices=["pooled", "head"], help="embed with this layer instead of the declared one")
     embed.add_argument("--decode", choices=["auto", "cpu", "gpu"], default="auto",
                        help="where JPEGs are decoded (gpu: nvJPEG on the device; auto: gpu on CUDA, else cpu)")
     embed.set_defaults(func=cmd_embed)
@@ -188,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the study on the embedded synthetic data, on the CPU")
     demo.add_argument("--out", default="demo", metavar="DIR")
+    demo.add_argument("--seed", type=int, default=0, help="seeds training and the queries; the data stay the same")
     demo.set_defaults(func=cmd_demo)
 
     bench = commands.add_parser("bench", help="measure throughput against a plain baseline")

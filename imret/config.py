@@ -76,10 +76,18 @@ class TaskConfig:
 
 @dataclass
 class OptimConfig:
+    name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = field(default=3.0e-4, metadata=bounds(0.0, 10.0, lo_open=True))
-    weight_decay: float = field(default=0.0, metadata=bounds(0.0))
+    weight_decay: float = field(default=0.0, metadata=bounds(0.0))  # adamw: decoupled; adam, sgd: L2 in the gradient
+    momentum: float = field(default=0.9, metadata=bounds(0.0, 1.0, hi_open=True))  # sgd
+    nesterov: bool = False  # sgd
+    schedule: Literal["plateau", "cosine", "onecycle"] = "plateau"
+    warmup_epochs: float = field(default=0.0, metadata=bounds(0.0))  # linear warm-up before the schedule
     plateau_factor: float = field(default=0.1, metadata=bounds(0.0, 1.0, lo_open=True, hi_open=True))
     plateau_patience: int = field(default=2, metadata=bounds(0))
+    # lr x global batch (per device x ranks x accumulation) / lr_reference_batch: the same recipe on 1 or 8 GPUs
+    scale_lr_with_batch: bool = False
+    lr_reference_batch: int = field(default=256, metadata=bounds(1))
 
 
 @dataclass
@@ -346,6 +354,13 @@ def check_consistency(recipe: Recipe) -> None:
     if recipe.checkpoint.every_n_steps % recipe.train.grad_accum_steps:
         raise RecipeError(f"checkpoint.every_n_steps ({recipe.checkpoint.every_n_steps}) must be a multiple of "
                           f"train.grad_accum_steps ({recipe.train.grad_accum_steps}): checkpoints fall between windows")  # fmt: skip
+    optim = recipe.optim
+    if optim.nesterov and (optim.name != "sgd" or optim.momentum == 0):
+        raise RecipeError(f"optim.nesterov needs optim.name: sgd with optim.momentum above 0 "
+                          f"(got {optim.name}, momentum {optim.momentum})")  # fmt: skip
+    if optim.warmup_epochs >= recipe.train.max_epochs:
+        raise RecipeError(f"optim.warmup_epochs ({optim.warmup_epochs}) must be below train.max_epochs "
+                          f"({recipe.train.max_epochs})")  # fmt: skip
     if recipe.model.init == "scratch" and recipe.model.weights:
         raise RecipeError(f"model.weights ({recipe.model.weights}) is only read with model.init imagenet or run, "
                           f"and model.init is scratch")  # fmt: skip

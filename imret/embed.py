@@ -64,6 +64,18 @@ def load_model(source: str) -> tuple[nn.Module, dict[str, Any]]:
     return net.eval(), meta
 
 
+def choose_layer(net: nn.Module, meta: dict[str, Any], layer: str | None, source: str) -> dict[str, Any]:
+    """The model's meta with `layer` as its embedding (the net is switched to it); the declared one when None."""
+    if layer is None or layer == meta["embedding"]["layer"]:
+        return meta
+    head = getattr(net, "head", None)
+    if not isinstance(net, RetrievalNet) or layer not in ("pooled", "head") or not isinstance(head, nn.Linear):
+        raise ImretError(f"{source}: has no '{layer}' layer to embed with (its embedding is {meta['embedding']['layer']})")
+    net.embedding = layer
+    dim = head.in_features if layer == "pooled" else head.out_features
+    return {**meta, "embedding": {"layer": layer, "dim": dim, "declared": meta["embedding"]["layer"]}}
+
+
 class Embedder(nn.Module):
     """uint8 batch -> the model's declared embedding; with masks, the background is zeroed first."""
 
@@ -134,9 +146,11 @@ def job_fingerprint(source: str, meta: dict, seg_source: str | None, seg_meta: d
             "shards_manifest_hash": manifest_hash(manifest), "split": split}  # fmt: skip
 
 
-def default_out(source: str, split: str, mask_with: str | None) -> Path:
+def default_out(source: str, split: str, mask_with: str | None, layer: str | None = None) -> Path:
+    """RUN_DIR/embeddings/<split>[-<layer>][-masked-<seg run>]; the layer only when it is not the declared one."""
     base = Path("runs") / IMAGENET_BASELINE if source == IMAGENET_BASELINE else Path(source)
-    return base / "embeddings" / (f"{split}-masked-{Path(mask_with).name}" if mask_with else split)
+    name = split + (f"-{layer}" if layer else "") + (f"-masked-{Path(mask_with).name}" if mask_with else "")
+    return base / "embeddings" / name
 
 
 def embedding_complete(out: Path, fingerprint: dict) -> bool:
@@ -148,8 +162,9 @@ def embedding_complete(out: Path, fingerprint: dict) -> bool:
 
 
 def embed(source: str, shards: str | Path, split: str, mask_with: str | None = None, out: str | Path | None = None,
-          batch_size: int = 128, workers: int | None = None, decode: str = "auto") -> Path:  # fmt: skip
-    """decode: where JPEGs are decoded, as `data.decode` in a recipe (auto: on the GPU when there is one)."""
+          batch_size: int = 128, workers: int | None = None, decode: str = "auto", layer: str | None = None) -> Path:  # fmt: skip
+    """decode: where JPEGs are decoded, as `data.decode` in a recipe (auto: on the GPU when there is one).
+    layer: pooled|head instead of the layer the model declares (a study's control rows)."""
     # PartialState, not an Accelerator: a study may already hold one with another mixed-precision setting
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     decode = resolve_decode(decode, state.device)
@@ -162,11 +177,12 @@ def embed(source: str, shards: str | Path, split: str, mask_with: str | None = N
         raise ImretError(f"{shards}: the {split} split is empty; rebuild the shards with a --val-fraction that leaves "
                          f"images in both splits")  # fmt: skip
     net, meta = load_model(source)
+    meta = choose_layer(net, meta, layer, source)
     seg, seg_meta = load_model(mask_with) if mask_with else (None, None)
     if seg_meta is not None and seg_meta["task"] != "segmentation":
         raise ImretError(f"--mask-with {mask_with}: a {seg_meta['task']} model, not a segmentation one")
     fingerprint = job_fingerprint(source, meta, mask_with, seg_meta, manifest, split)
-    out = Path(out) if out else default_out(source, split, mask_with)
+    out = Path(out) if out else default_out(source, split, mask_with, layer if "declared" in meta["embedding"] else None)
     if embedding_complete(out, fingerprint):
         if state.is_main_process:
             log.info("%s is complete for this model and these shards: nothing to do", out)

@@ -18,6 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 ALPHA = 0.05
+CURVES = {"multilabel": ["loss", "f1"], "rotation": ["loss", "accuracy"], "segmentation": ["loss", "iou"],
+          "triplet": ["loss", "margin", "active_fraction", "val_iou_at_5"]}  # the learning curves each task shows
 
 
 def slug(name: str) -> str:
@@ -93,19 +95,64 @@ def conclusions(results: dict[str, Any]) -> list[str]:
     names = [n for n in ordered_models(results)]
     lines = ["Ordering by mean label IoU on the original images: " + " > ".join(
         f"{n} ({results['results'][n]['original']['mean']:.3f})" for n in names) + "."]  # fmt: skip
-    for row in results["comparisons"]:
-        significant = row["p_holm"] < ALPHA
-        direction = "higher" if row["mean_difference"] > 0 else "lower"
-        verdict = "significantly" if significant else "not significantly"
-        lines.append(f"{row['a']} is {verdict} {direction} than {row['b']} (mean difference "
-                     f"{row['mean_difference']:+.3f}, effect size {row['effect_size']:+.2f}, "
-                     f"Holm-adjusted p = {row['p_holm']:.2g}).")  # fmt: skip
+    return lines + [comparison_sentence(row) for row in results["comparisons"]]
+
+
+def comparison_sentence(row: dict[str, Any]) -> str:
+    """Direction from the signed-rank test's statistic (the effect size's sign), significance from its
+    Holm-adjusted p-value; the mean and median differences beside them, and a word when either points the
+    other way (a few large differences against many small ones)."""
+    a, b, effect = row["a"], row["b"], row["effect_size"]
+    numbers = (f"effect size {effect:+.2f}, Holm-adjusted p = {row['p_holm']:.2g}; mean difference "
+               f"{row['mean_difference']:+.3f}, median {row.get('median_difference', float('nan')):+.3f}")  # fmt: skip
+    if effect == 0:
+        return f"{a} and {b} do not differ by the signed-rank test ({numbers})."
+    verdict = "significantly" if row["p_holm"] < ALPHA else "not significantly"
+    sentence = f"{a} is {verdict} {'higher' if effect > 0 else 'lower'} than {b} ({numbers})."
+    against = [name for name in ("mean", "median") if np.sign(row.get(f"{name}_difference", 0.0)) == -np.sign(effect)]
+    if against:
+        winner, loser = (a, b) if effect > 0 else (b, a)
+        sentence += (f" The {' and the '.join(against)} difference{'s point' if len(against) > 1 else ' points'} the "
+                     f"other way: more queries rank {winner} higher, but by less than {loser} wins the others.")  # fmt: skip
+    return sentence
+
+
+def query_sentence(results: dict[str, Any]) -> str:
+    common = (f"drawn once with seed {results['seed']}; the same queries for every model and for both variants. "
+              f"Gallery: the whole train split.")  # fmt: skip
+    if results["query_split"] == "test":
+        return (f"- Queries: {results['queries']} test images, a split held out from training and from model "
+                f"selection, {common}")  # fmt: skip
+    return (f"- Queries: {results['queries']} validation images, {common} The validation split also chose each "
+            f"model's epoch and each classifier's threshold, so these scores may be slightly optimistic: build the "
+            f"shards with `--test-fraction` (`data.test_fraction` in a study) for held-out queries.")
+
+
+def retrieval_examples(trained: list[str], results: dict[str, Any], details: dict[str, Any], figures: Path) -> list[str]:
+    """Grids for the best and the worst model, original and masked side by side."""
+    from imret.data.shards import fetch_images
+
+    best, worst = trained[0], trained[-1]
+    shown = [(name, variant) for name in dict.fromkeys([best, worst]) for variant in ("original", "masked")
+             if (name, variant) in details["neighbours"]]  # fmt: skip
+    wanted = set(details["query_keys"][:4]) | {details["gallery_keys"][i] for key in shown
+                                               for i in details["neighbours"][key][:4].ravel()}  # fmt: skip
+    images = {**fetch_images(results["shards"], results["query_split"], wanted, 96),
+              **fetch_images(results["shards"], "train", wanted, 96)}  # fmt: skip
+    lines = ["## Retrieval examples", "", "Each row: a query and its nearest gallery images with their label IoU.", ""]
+    for name in dict.fromkeys([best, worst]):
+        cells = []
+        for variant in ("original", "masked"):
+            if (name, variant) in details["neighbours"]:
+                path = figures / f"grid-{slug(name)}-{variant}.png"
+                retrieval_grid(name, variant, details, images, path)
+                cells.append(f"![{name} {variant}](figures/{path.name})")
+        lines += [f"{'Best' if name == best else 'Worst'} model, {name} (original, then masked):", "", " ".join(cells), ""]
     return lines
 
 
 def write_report(out: Path, results: dict[str, Any], details: dict[str, Any]) -> Path:
     from imret.data.manifest import load_manifest
-    from imret.data.shards import fetch_images
 
     figures = out / "figures"
     shutil.rmtree(figures, ignore_errors=True)
@@ -116,9 +163,10 @@ def write_report(out: Path, results: dict[str, Any], details: dict[str, Any]) ->
              "Generated by `imret study` from `retrieval.json` and the runs' own records; do not edit by hand.", "",
              "## Setup", "",
              f"- Data: `{results['shards']}`: {len(details['gallery_keys'])} gallery (train) images, "
-             f"{details['validation_count']} validation images (as embedded), {len(manifest['classes'])} classes.",
-             f"- Queries: {results['queries']} validation images drawn once with seed {results['seed']}; the same "
-             f"queries for every model and for both variants. Gallery: the whole train split.",
+             f"{details['query_split_count']} {results['query_split']} images (as embedded), {len(manifest['classes'])} classes.",
+             query_sentence(results),
+             "- Model selection: each run exports the epoch with the lowest validation loss; each classifier's decision "
+             "threshold is chosen on one half of the validation split and its F1 reported on the other half.",
              f"- Score per query: mean label IoU (shared tags / union of tags) of its {results['k']} nearest gallery "
              f"images by L2 (exact FAISS search). Reported: mean ± std over queries [95% bootstrap interval].",
              f"- Also: precision@{results['k']} (relevant = label IoU ≥ 0.5), mAP@{results['k']} and "
@@ -141,23 +189,16 @@ def write_report(out: Path, results: dict[str, Any], details: dict[str, Any]) ->
     lines += ["", "## Paired comparisons", "",
               "Wilcoxon signed-rank tests over the same queries; effect size = matched-pairs rank-biserial "
               "correlation (+1: every query better under the first); p-values Holm-adjusted over all comparisons.", "",
-              "| comparison | mean difference | effect size | p (Holm) | significant at 0.05 |", "|---|---|---|---|---|"]  # fmt: skip
+              "| comparison | mean difference | median difference | effect size | p (Holm) | significant at 0.05 |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
     for row in results["comparisons"]:
-        lines.append(f"| {row['a']} vs {row['b']} | {row['mean_difference']:+.3f} | {row['effect_size']:+.2f} | "
-                     f"{row['p_holm']:.2g} | {'yes' if row['p_holm'] < ALPHA else 'no'} |")  # fmt: skip
+        lines.append(f"| {row['a']} vs {row['b']} | {row['mean_difference']:+.3f} | {row['median_difference']:+.3f} | "
+                     f"{row['effect_size']:+.2f} | {row['p_holm']:.2g} | {'yes' if row['p_holm'] < ALPHA else 'no'} |")  # fmt: skip
     lines += ["", "## Conclusions", ""] + [f"- {line}" for line in conclusions(results)] + [""]
 
     trained = [n for n in ordered_models(results) if n in models]
     if trained:
-        best, worst = trained[0], trained[-1]
-        shown = {best, worst}
-        wanted = set(details["query_keys"][:4]) | {details["gallery_keys"][i] for n in shown
-                                                   for i in details["neighbours"][n, "original"][:4].ravel()}  # fmt: skip
-        images = {**fetch_images(results["shards"], "val", wanted, 96), **fetch_images(results["shards"], "train", wanted, 96)}
-        lines += ["## Retrieval examples", "", "Each row: a query and its nearest gallery images with their label IoU.", ""]
-        for name in sorted(shown, key=trained.index):
-            retrieval_grid(name, "original", details, images, figures / f"grid-{slug(name)}.png")
-            lines += [f"{'Best' if name == best else 'Worst'} model, {name}:", "", f"![{name}](figures/grid-{slug(name)}.png)", ""]
+        lines += retrieval_examples(trained, results, details, figures)
 
     lines += ["## Models", "", "| model | task | embedding layer | initialisation | validation |", "|---|---|---|---|---|"]
     for name, info in models.items():
@@ -174,13 +215,18 @@ def write_report(out: Path, results: dict[str, Any], details: dict[str, Any]) ->
             lines += ["Validation images, true masks and predictions:", "",
                       "![segmentation](figures/segmentation-examples.png)", ""]  # fmt: skip
 
-    lines += ["## Learning curves", ""]
+    lines += ["## Learning curves", "", "Training values by step, validation values at the end of each epoch.", ""]
     runs = {name: info["run"] for name, info in models.items()} | ({"segmentation": results["segmentation"]} if seg else {})
     for name, run in runs.items():
-        curve = Path(run) / "plots" / "loss.png"
-        if curve.is_file():
-            shutil.copy(curve, figures / f"loss-{slug(name)}.png")
-            lines += [f"{name} (`{run}`): ![loss {name}](figures/loss-{slug(name)}.png)", ""]
+        meta = run_meta(run)
+        shown = []
+        for metric in CURVES.get(meta["task"] if meta else "", []):
+            curve = Path(run) / "plots" / f"{metric}.png"
+            if curve.is_file():
+                shutil.copy(curve, figures / f"{metric}-{slug(name)}.png")
+                shown.append(f"![{metric} {name}](figures/{metric}-{slug(name)}.png)")
+        if shown:
+            lines += [f"{name} (`{run}`):", "", " ".join(shown), ""]
     path = out / "report.md"
     tmp = path.with_name(".report.md.tmp")
     tmp.write_text("\n".join(lines) + "\n")
@@ -193,8 +239,9 @@ def summarise_validation(meta: dict[str, Any] | None) -> str:
         return "untrained baseline"
     val, task = meta["val"], meta["task"]
     if task == "multilabel":
-        return (f"F1 {val['f1']:.3f} at threshold {val['threshold']:.2f} (precision {val['precision']:.3f}, "
-                f"recall {val['recall']:.3f}, accuracy {val['accuracy']:.3f})")  # fmt: skip
+        return (f"F1 {val['f1']:.3f} at threshold {val['threshold']:.2f}, chosen on {val['threshold_images']:.0f} "
+                f"validation images and scored on the other {val['scored_images']:.0f} (precision {val['precision']:.3f}, "
+                f"recall {val['recall']:.3f}, accuracy {val['accuracy']:.3f}; F1 at 0.5: {val['f1_at_0.5']:.3f})")  # fmt: skip
     if task == "rotation":
         return f"rotation accuracy {val['accuracy']:.3f}"
     if task == "segmentation":

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 
 from imret.config import TrainConfig, bounds, load_recipe
-from imret.data.manifest import write_json_atomic
+from imret.data.manifest import load_manifest, write_json_atomic
 from imret.errors import ImretError
 
 log = logging.getLogger("imret.study")
@@ -47,6 +47,7 @@ class StudyData:
     max_side: int | None = field(default=None, metadata=bounds(16))
     samples_per_shard: int = field(default=1000, metadata=bounds(1))
     val_fraction: float = field(default=0.1, metadata=bounds(0.0, 1.0, lo_open=True, hi_open=True))
+    test_fraction: float = field(default=0.0, metadata=bounds(0.0, 1.0, hi_open=True))  # held-out queries
     split_seed: int = 0
 
 
@@ -68,6 +69,9 @@ class StudyEmbed:
     batch_size: int = field(default=256, metadata=bounds(1))
     workers: int | None = field(default=None, metadata=bounds(0))  # decoding processes per rank; default: its cores
     decode: Literal["auto", "cpu", "gpu"] = "auto"  # where JPEGs are decoded, as data.decode in a training recipe
+    # row name -> the layer to embed instead of the one the model declares (pooled | head), e.g. the study's control:
+    # the triplet model's pooled 512-d features, the layer the original study evaluated by mistake
+    layer: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,6 +87,11 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudyRecipe:
     study = load_recipe(path, overrides, root=StudyRecipe)
     if not study.compare.models:
         raise ImretError(f"{path}: compare.models is empty: name at least one model to compare")
+    for name, layer in study.embed.layer.items():
+        if name not in study.compare.models:
+            raise ImretError(f"{path}: embed.layer names '{name}', which is not a row of compare.models")
+        if layer not in ("pooled", "head"):
+            raise ImretError(f"{path}: embed.layer.{name}: '{layer}' is not one of pooled, head")
     return study
 
 
@@ -106,6 +115,9 @@ def run_study(study: StudyRecipe) -> Path:
     out = Path(study.study.out)
     gpu_count(study.study.faiss_device)  # a missing or CPU-only FAISS on a GPU machine: said now, not after training
     ensure_shards(study)
+    # queries from a held-out test split when the build has one; else from validation, which also chose each
+    # model's epoch and threshold (the report says which)
+    query_split = "test" if load_manifest(study.data.shards)["splits"]["test"]["samples"] else "val"
     for recipe_path in study.train.recipes:
         log.info("stage train: %s", recipe_path)
         train(training_recipe(recipe_path, study))
@@ -133,13 +145,14 @@ def run_study(study: StudyRecipe) -> Path:
         for variant in VARIANTS if segmentation else VARIANTS[:1]:
             mask = segmentation if variant == "masked" else None
             embeddings[name][variant] = {
-                split: embed(source, study.data.shards, split, mask_with=mask, out=out / "embeddings" / name / f"{variant}-{split}",
-                             batch_size=study.embed.batch_size, workers=study.embed.workers, decode=study.embed.decode)  # fmt: skip
-                for split in ("train", "val")
+                role: embed(source, study.data.shards, split, mask_with=mask, out=out / "embeddings" / name / f"{variant}-{split}",
+                            batch_size=study.embed.batch_size, workers=study.embed.workers, decode=study.embed.decode,
+                            layer=study.embed.layer.get(name))  # fmt: skip
+                for role, split in (("gallery", "train"), ("queries", query_split))
             }  # fmt: skip
 
     if state.is_main_process:
-        evaluate_and_report(study, out, embeddings, models, segmentation, unavailable)
+        evaluate_and_report(study, out, embeddings, models, segmentation, unavailable, query_split)
     state.wait_for_everyone()
     return out / "report.md"
 
@@ -174,7 +187,7 @@ def imagenet_unavailable() -> str | None:
 
 
 def evaluate_and_report(study: StudyRecipe, out: Path, embeddings: dict, models: dict[str, str],
-                        segmentation: str | None, unavailable: dict[str, str]) -> None:  # fmt: skip
+                        segmentation: str | None, unavailable: dict[str, str], query_split: str) -> None:  # fmt: skip
     from imret.report import write_report
 
     fingerprint = stage_fingerprint(study, embeddings)
@@ -184,7 +197,7 @@ def evaluate_and_report(study: StudyRecipe, out: Path, embeddings: dict, models:
         return
     log.info("stage retrieval: scoring %d models on %d queries", len(models), study.study.queries)
     results, details = score(study, embeddings)
-    results.update(fingerprint=fingerprint, unavailable=unavailable,
+    results.update(fingerprint=fingerprint, unavailable=unavailable, query_split=query_split,
                    models={name: describe_model(source, embeddings[name]) for name, source in models.items()},
                    segmentation=segmentation, shards=study.data.shards)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
@@ -205,14 +218,14 @@ def stage_fingerprint(study: StudyRecipe, embeddings: dict) -> str:
 
 
 def describe_model(source: str, variants: dict) -> dict[str, Any]:
-    meta = json.loads((variants["original"]["train"] / "meta.json").read_text())
+    meta = json.loads((variants["original"]["gallery"] / "meta.json").read_text())
     return {"run": source, "task": meta["task"], "layer": meta["layer"], "dim": meta["dim"],
             "initialisation": meta["initialisation"]}  # fmt: skip
 
 
 def select_queries(keys: list[str], count: int, seed: int) -> list[str]:
-    """The query set: drawn once from the seed over the sorted validation keys, the same for every model and
-    both variants."""
+    """The query set: drawn once from the seed over the sorted keys of the query split, the same for every
+    model and both variants."""
     ordered = sorted(keys)
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(ordered), size=min(count, len(ordered)), replace=False)
@@ -220,6 +233,7 @@ def select_queries(keys: list[str], count: int, seed: int) -> list[str]:
 
 
 def score(study: StudyRecipe, embeddings: dict) -> tuple[dict[str, Any], dict[str, Any]]:
+    """embeddings: model -> variant -> {"gallery": train split's embedding dir, "queries": the query split's}."""
     from imret.embed import load_embeddings
     from imret.index import exact_gallery_index
     from imret.retrieval import ideal_gains, neighbour_iou, random_neighbours, ranking_scores, search
@@ -227,15 +241,15 @@ def score(study: StudyRecipe, embeddings: dict) -> tuple[dict[str, Any], dict[st
 
     s = study.study
     first = next(iter(embeddings.values()))["original"]
-    _, gallery_labels, gallery_keys, _ = load_embeddings(first["train"])
-    _, val_labels, val_keys, _ = load_embeddings(first["val"])
-    query_keys = select_queries(val_keys, s.queries, s.seed)
+    _, gallery_labels, gallery_keys, _ = load_embeddings(first["gallery"])
+    _, candidate_labels, candidate_keys, _ = load_embeddings(first["queries"])
+    query_keys = select_queries(candidate_keys, s.queries, s.seed)
     if not query_keys:
-        raise ImretError(f"{first['val']}: no validation embeddings to draw queries from")
+        raise ImretError(f"{first['queries']}: no embeddings to draw queries from")
     if s.k > len(gallery_keys):
         raise ImretError(f"study.k={s.k} exceeds the gallery of {len(gallery_keys)} train images")
-    val_row = {key: i for i, key in enumerate(val_keys)}
-    query_labels = val_labels[[val_row[key] for key in query_keys]]
+    candidate_row = {key: i for i, key in enumerate(candidate_keys)}
+    query_labels = candidate_labels[[candidate_row[key] for key in query_keys]]
     ideal, relevant_total = ideal_gains(gallery_labels, query_labels, s.k)
 
     def scored(ious: np.ndarray) -> dict[str, Any]:
@@ -249,17 +263,17 @@ def score(study: StudyRecipe, embeddings: dict) -> tuple[dict[str, Any], dict[st
     neighbours: dict[tuple[str, str], np.ndarray] = {}
     for name, variants in embeddings.items():
         results[name] = {}
-        for variant, splits in variants.items():
-            g_emb, g_labels, g_keys, g_meta = load_embeddings(splits["train"])
-            q_emb, _, q_keys, _ = load_embeddings(splits["val"])
+        for variant, dirs in variants.items():
+            g_emb, _, g_keys, g_meta = load_embeddings(dirs["gallery"])
+            q_emb, _, q_keys, _ = load_embeddings(dirs["queries"])
             if g_keys != gallery_keys:
-                raise ImretError(f"{splits['train']}: a different gallery from {first['train']}; embed again")
+                raise ImretError(f"{dirs['gallery']}: a different gallery from {first['gallery']}; embed again")
             rows = {key: i for i, key in enumerate(q_keys)}
             missing = [key for key in query_keys if key not in rows]
             if missing:
-                raise ImretError(f"{splits['val']}: {len(missing)} of the queries are not embedded (first: {missing[0]}); "
-                                 f"they decoded for {first['val']} but not here: see the embedding warnings")  # fmt: skip
-            index = exact_gallery_index(splits["train"], g_emb, g_meta, s.faiss_device)
+                raise ImretError(f"{dirs['queries']}: {len(missing)} of the queries are not embedded (first: {missing[0]}); "
+                                 f"they decoded for {first['queries']} but not here: see the embedding warnings")  # fmt: skip
+            index = exact_gallery_index(dirs["gallery"], g_emb, g_meta, s.faiss_device)
             found = search(index, q_emb[[rows[key] for key in query_keys]], s.k)[1]
             del index
             results[name][variant], per_query[name, variant] = scored(neighbour_iou(gallery_labels, query_labels, found))
@@ -281,7 +295,7 @@ def score(study: StudyRecipe, embeddings: dict) -> tuple[dict[str, Any], dict[st
         row["p_holm"] = adjusted
     results_json = {"k": s.k, "queries": len(query_keys), "seed": s.seed, "query_keys": query_keys,
                     "results": results, "comparisons": rows}  # fmt: skip
-    details = {"gallery_keys": gallery_keys, "validation_count": len(val_keys), "query_keys": query_keys,
+    details = {"gallery_keys": gallery_keys, "query_split_count": len(candidate_keys), "query_keys": query_keys,
                "neighbours": neighbours, "per_query": per_query, "gallery_labels": gallery_labels,
                "query_labels": query_labels}  # fmt: skip
     return results_json, details
@@ -290,8 +304,9 @@ def score(study: StudyRecipe, embeddings: dict) -> tuple[dict[str, Any], dict[st
 # ---------------------------------------------------------------- demo
 
 
-def demo(out: str | Path = "demo") -> Path:
-    """The study on the embedded synthetic data with CPU-sized recipes, everything under OUT."""
+def demo(out: str | Path = "demo", seed: int = 0) -> Path:
+    """The study on the embedded synthetic data with CPU-sized recipes, everything under OUT. `seed` seeds the
+    training runs and the query draw (the data stay the same), to see which results hold across seeds."""
     from imret.data.synth import write_synth
 
     recipes = Path(__file__).resolve().parents[1] / "recipes" / "demo"
@@ -304,6 +319,8 @@ def demo(out: str | Path = "demo") -> Path:
     study.compare.models = {n: str(recipes / Path(e).name) if e.endswith(".yaml") else e for n, e in study.compare.models.items()}
     if study.compare.segmentation:
         study.compare.segmentation = str(recipes / Path(study.compare.segmentation).name)
+    study.train.overrides.append(f"run.seed={seed}")
+    study.study.seed = seed
     if not (out / "data" / "labels.csv").is_file():
         write_synth(out / "data", images=2000, size=96, seed=0, overwrite=True)
     os.chdir(out)  # runs/, shards/ and the study land under OUT; recipes name their runs relative to it

@@ -2,7 +2,7 @@
 precision, gradient accumulation). Infrastructure lives in the helpers below `train`; the science lives in
 the task (imret/tasks/).
 
-Run it with `accelerate launch --config_file launch/multi-gpu.yaml -m imret train RECIPE`, with
+Run it with `accelerate launch -m imret train RECIPE` (every visible GPU), with
 `torchrun --nproc_per_node N -m imret train RECIPE`, or plainly; `--debug` is a short single-process run.
 Restarted in the same run directory, it resumes from the newest complete checkpoint.
 """
@@ -40,6 +40,7 @@ from imret.data.prefetch import DevicePrefetcher
 from imret.data.shards import ShardLoader, make_loader
 from imret.errors import ImretError
 from imret.monitor import Monitor, wandb_mode
+from imret.optim import Schedule, effective_lr, make_optimizer
 from imret.step import NonfiniteGuard, RunningStats, TrainingError
 from imret.tasks import Task, make_task
 
@@ -85,11 +86,9 @@ def train(recipe: Recipe, debug: bool = False) -> Path:
     model = task.build_model()
     if accelerator.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    # fused: one kernel for the update, and it takes the all-ranks skip flag on the device (imret.step)
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay,
-                                 fused=True)  # fmt: skip
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=recipe.optim.plateau_factor, patience=recipe.optim.plateau_patience)
+    global_batch = recipe.data.batch_size_per_device * accelerator.num_processes * recipe.train.grad_accum_steps
+    optimizer = make_optimizer(model.parameters(), recipe.optim, effective_lr(recipe.optim, global_batch))
+    scheduler = Schedule(optimizer, recipe.optim, optimizer_steps(train_loader, recipe, debug))
     model, optimizer = accelerator.prepare(model, optimizer)
     if recipe.train.compile:  # after prepare: DDP inside the compiled wrapper, so `bare` gets the model's own keys
         model = torch.compile(model)
@@ -149,6 +148,7 @@ def train(recipe: Recipe, debug: bool = False) -> Path:
                     accelerator.backward(loss / (last - first + 1))  # a non-finite window is skipped at its end
                 if sync:
                     guard.step(optimizer)
+                    scheduler.step()
                 interval.add({"loss": loss, **stats}, len(images) * accelerator.num_processes)
 
                 progress.step_in_epoch, progress.global_step = index + 1, progress.global_step + 1
@@ -176,7 +176,7 @@ def train(recipe: Recipe, debug: bool = False) -> Path:
             sync_buffers(accelerator, model)
             metrics, figure_batch = evaluate(task, accelerator, model, val_loader, eval_augment, epoch,
                                              DEBUG_VAL_BATCHES if debug else None)  # fmt: skip
-            scheduler.step(metrics["loss"])
+            scheduler.validated(metrics["loss"])
             monitor.log("val", epoch, progress.global_step, metrics)
             if main:
                 log.info("epoch %d: %s", epoch, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -221,10 +221,12 @@ def debug_recipe(recipe: Recipe) -> Recipe:
 
 
 def resolve_precision(configured: str) -> str | None:
-    """auto: the launch config's choice (ACCELERATE_MIXED_PRECISION), else bf16 where the GPU supports it."""
+    """auto: the launch config's bf16 or fp16 when it names one (ACCELERATE_MIXED_PRECISION), else bf16 where the
+    GPU supports it. A plain `accelerate launch` says "no" when nobody chose, so "no" counts as no choice: full
+    precision is `train.mixed_precision: no` in the recipe."""
     if configured != "auto":
         return configured
-    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
         return None
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
@@ -256,11 +258,17 @@ def accumulation_window(index: int, steps: int, accum: int) -> tuple[int, int]:
     return first, min(first + accum, steps) - 1
 
 
-def steps_this_epoch(loader: ShardLoader, recipe: Recipe, debug: bool) -> int:
-    steps = len(loader)
+def steps_this_epoch(loader: ShardLoader, recipe: Recipe, debug: bool, epoch: int | None = None) -> int:
+    steps = loader.batches_in_epoch(loader.stream.epoch if epoch is None else epoch)
     if recipe.train.steps_per_epoch:
         steps = min(steps, recipe.train.steps_per_epoch)
     return min(steps, DEBUG_STEPS) if debug else steps
+
+
+def optimizer_steps(loader: ShardLoader, recipe: Recipe, debug: bool) -> list[int]:
+    """Optimiser steps of every epoch up to max_epochs (accumulation windows end with each epoch)."""
+    accum = recipe.train.grad_accum_steps
+    return [math.ceil(steps_this_epoch(loader, recipe, debug, epoch) / accum) for epoch in range(recipe.train.max_epochs)]
 
 
 class StopSignal:
@@ -457,10 +465,17 @@ def check_resumable(state: dict[str, Any], path: Path, world: int, recipe: Recip
     """A mid-epoch checkpoint replays the epoch's batch order up to where it stopped; that order depends on the
     number of ranks, the loader workers and the batch size, so resuming with others would train some samples
     twice and skip others."""
-    saved_world, saved_data = state.get("world", world), json.loads(state["recipe"])["data"]
+    saved = json.loads(state["recipe"])
+    saved_world, saved_data = state.get("world", world), saved["data"]
     if not has_rng and saved_world == world:
         raise TrainingError(f"{path}: this rank's RNG file is missing from a complete checkpoint; delete {path} "
                             f"to resume from the one before")  # fmt: skip
+    saved_optim = {key: saved["optim"].get(key, default) for key, default in (("name", "adam"), ("schedule", "plateau"))}
+    changed = [f"optim.{key} {saved_optim[key]} -> {getattr(recipe.optim, key)}" for key in saved_optim
+               if saved_optim[key] != getattr(recipe.optim, key)]  # fmt: skip
+    if changed:  # the optimiser's and the schedule's state belong to the ones that saved them
+        raise TrainingError(f"{path} was saved with another optimiser or schedule ({', '.join(changed)}): resume with "
+                            f"the checkpoint's, or start a new run.name with model.init=run and model.weights={recipe.run_dir}")  # fmt: skip
     if state["progress"]["step_in_epoch"] == 0:
         return
     now = {"ranks": world, "data.workers": recipe.data.workers, "data.batch_size_per_device": recipe.data.batch_size_per_device}

@@ -1,5 +1,6 @@
 """Run under torchrun by test_train: trains a tiny recipe and writes how it ended; with `nan-on-rank-1` as
-the mode, rank 1's loss is always NaN (rank 0's never is)."""
+the mode, rank 1's loss is always NaN (rank 0's never is); with `no-norm`, the backbone is the BatchNorm-free
+one of shard_tools (registered like any backbone), whose gradients average exactly across ranks."""
 
 import json
 import os
@@ -14,6 +15,10 @@ from imret.train import TrainingError, train
 
 recipe_path, out, mode, *overrides = sys.argv[1:]
 rank = int(os.environ["RANK"])
+if mode == "no-norm":
+    from shard_tools import register_no_norm_backbone
+
+    register_no_norm_backbone()
 if mode == "nan-on-rank-1" and rank == 1:
     original = MultilabelTask.train_loss
 

@@ -1,4 +1,5 @@
-"""Helpers that tamper with a built shard directory, keeping or breaking its manifest on purpose."""
+"""Helpers that tamper with a built shard directory, keeping or breaking its manifest on purpose, and a
+backbone without BatchNorm for the tests that need ranks to average gradients exactly."""
 
 from __future__ import annotations
 
@@ -44,3 +45,17 @@ def sync_manifest(shard_dir: Path, name: str, samples: int | None = None) -> Non
                     split["samples"] += samples - shard["samples"]
                     shard["samples"] = samples
     manifest_path.write_text(json.dumps(manifest))
+
+
+def register_no_norm_backbone() -> None:
+    """A conv, a ReLU and pooling: no BatchNorm, whose batch statistics would differ between one rank at batch
+    2B and two ranks at batch B. Registered in the open backbone registry as "no-norm"."""
+    from torch import nn
+
+    from imret.models import BACKBONES
+
+    def no_norm():
+        trunk = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        return trunk, 8
+
+    BACKBONES["no-norm"] = no_norm

@@ -145,10 +145,44 @@ def test_max_side_downscales_image_and_mask_together(tmp_path):
 
 def test_split_is_seeded_exact_and_independent_of_order():
     ids = [f"img{i}" for i in range(200)]
-    train, val = split_ids(ids, 0.1, seed=42)
-    assert len(val) == 20 and set(train) | set(val) == set(ids) and not set(train) & set(val)
-    assert split_ids(list(reversed(ids)), 0.1, seed=42) == (train, val)
+    train, val, test = split_ids(ids, 0.1, seed=42)
+    assert len(val) == 20 and not test and set(train) | set(val) == set(ids) and not set(train) & set(val)
+    assert split_ids(list(reversed(ids)), 0.1, seed=42) == (train, val, test)
     assert split_ids(ids, 0.1, seed=43)[1] != val
+    train3, val3, test3 = split_ids(ids, 0.1, seed=42, test_fraction=0.15)
+    assert val3 == val and len(test3) == 30 and set(train3) | set(test3) == set(train)  # val unchanged by a test split
+
+
+def test_a_test_split_is_built_listed_and_read(tmp_path, synth_dir, capsys):
+    out = tmp_path / "shards"
+    assert main(["shards", "build", str(synth_dir), "--format", "folder", "--out", str(out), "--val-fraction", "0.2",
+                 "--test-fraction", "0.25", "--samples-per-shard", "20", "--workers", "0"]) == 0  # fmt: skip
+    assert "66 train, 24 val, 30 test samples in 8 shards; 0 rejected" in capsys.readouterr().out
+    manifest = load_manifest(out)
+    counts = {split: manifest["splits"][split]["samples"] for split in ("train", "val", "test")}
+    assert counts == {"train": 66, "val": 24, "test": 30} and manifest["source"]["test_fraction"] == 0.25
+    assert sorted(p.name for p in out.glob("test-*.tar")) == ["test-000000.tar", "test-000001.tar"]
+    assert verify_shards(out) == []
+    from imret.data.shards import make_loader
+
+    keys = [k for batch in make_loader(out, "test", batch_size=7, size=32, training=False) for k in batch["key"]]
+    assert len(keys) == len(set(keys)) == 30
+
+
+def test_a_build_from_before_test_splits_reads_as_an_empty_test_split_with_its_old_hash(tmp_path, synth_shards):
+    from imret.data.manifest import manifest_hash
+
+    old = json.loads((synth_shards / "manifest.json").read_text())
+    del old["splits"]["test"]
+    copy = tmp_path / "old"
+    copy.mkdir()
+    (copy / "manifest.json").write_text(json.dumps(old))
+    loaded = load_manifest(copy)
+    assert loaded["splits"]["test"] == {"samples": 0, "shards": []}
+    content = {"classes": old["classes"], "shards": {s: old["splits"][s]["shards"] for s in ("train", "val")}}
+    import hashlib
+
+    assert manifest_hash(loaded) == hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def test_keys_are_unique_dot_free_ascii():

@@ -167,3 +167,25 @@ def test_every_shipped_recipe_loads(path):
 
 def test_recipes_are_shipped():
     assert len(RECIPES) >= 10
+
+
+def test_the_study_recipe_has_every_row_of_the_report_and_its_controls():
+    from imret.study import load_study
+
+    root = Path(__file__).parents[1]
+    study = load_study(root / "recipes" / "study.yaml")
+    rows = study.compare.models
+    report_rows = {"fine-tuned classifier": "finetune.yaml", "classifier from scratch": "scratch-aug.yaml",
+                   "ImageNet-pretrained, not trained": "imagenet-resnet18", "triplet": "triplet.yaml",
+                   "rotation self-supervised": "rotation.yaml"}  # fmt: skip
+    controls = {"classifier from scratch, no augmentation": "scratch.yaml",
+                "triplet, pooled 512-d (the study's layer)": "triplet.yaml",
+                "from scratch on masked images": "scratch-masked.yaml", "fine-tuned on masked images": "finetune-masked.yaml"}  # fmt: skip
+    for name, entry in {**report_rows, **controls}.items():
+        assert rows[name].endswith(entry), name
+    assert study.embed.layer == {"triplet, pooled 512-d (the study's layer)": "pooled"}
+    trained = {Path(r).name for r in study.train.recipes}
+    assert {Path(e).name for e in rows.values() if e.endswith(".yaml")} <= trained and "segment.yaml" in trained
+    for recipe in study.train.recipes:
+        load_recipe(root / recipe)
+    assert study.data.test_fraction > 0 and study.compare.segmentation == "recipes/segment.yaml"

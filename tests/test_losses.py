@@ -54,3 +54,26 @@ def test_dice_loss():
     perfect = torch.where(target > 0, 20.0, -20.0)
     assert dice_loss(perfect, target) == pytest.approx(torch.zeros(2), abs=1e-6)
     assert dice_loss(-perfect, target)[0] > 0.9
+
+
+def test_semi_hard_by_hand_differs_from_batch_hard():
+    """1-d embedding, margin 0.2: A-images at 0.0 and 0.3, B-images at 0.35 and 0.9 (worked out below)."""
+    emb = torch.tensor([[0.0], [0.3], [0.35], [0.9]])
+    labels = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    # batch-hard, per anchor (farthest positive - nearest negative + 0.2): .3-.35, .3-.05, .55-.05, .55-.6
+    hard, _ = triplet_loss(emb, labels, 0.2, 0.5, 0.0, "batch_hard")
+    assert hard.item() == pytest.approx((0.15 + 0.45 + 0.70 + 0.15) / 4)
+    # semi-hard, per (anchor, positive): the nearest negative in (d_ap, d_ap + 0.2), else the farthest one:
+    # (0,1): 0.35 -> 0.15; (1,0): none in (0.3, 0.5), farthest 0.6 -> 0; (2,3): none in (0.55, 0.75),
+    # farthest 0.35 -> 0.40; (3,2): 0.6 -> 0.15
+    semi, stats = triplet_loss(emb, labels, 0.2, 0.5, 0.0, "semi_hard")
+    assert semi.item() == pytest.approx((0.15 + 0.0 + 0.40 + 0.15) / 4)
+    assert stats["triplets"] == 4 and stats["active_fraction"] == pytest.approx(0.75)
+
+
+def test_dice_at_a_partial_overlap_by_hand():
+    target = torch.zeros(1, 1, 4, 4)
+    target[..., :2, :] = 1  # 8 pixels
+    logits = torch.full((1, 1, 4, 4), -30.0)
+    logits[..., :3, :] = 30.0  # 12 predicted, 8 of them right
+    assert dice_loss(logits, target).item() == pytest.approx(1 - (2 * 8 + 1) / (12 + 8 + 1), abs=1e-6)

@@ -57,3 +57,38 @@ def test_mask_iou_per_image():
     rng = np.random.default_rng(2)
     p, t = rng.random((5, 8, 8)) < 0.5, rng.random((5, 8, 8)) < 0.5
     assert mask_iou(p, t) == pytest.approx([jaccard_score(a.ravel(), b.ravel()) for a, b in zip(p, t)])
+
+
+def test_the_threshold_is_chosen_on_one_half_and_scored_on_the_other(tmp_path):
+    """Validation of a multi-label model, fed in uneven batches as ranks would: the threshold is the best one on
+    the first seeded half, and the reported scores are scikit-learn's on the other half at that threshold."""
+    import torch
+
+    from imret.config import load_recipe
+    from imret.metrics import best_threshold
+    from imret.tasks.base import key_rank
+    from imret.tasks.multilabel import MultilabelTask
+
+    rng = np.random.default_rng(3)
+    n, c = 300, 6
+    prob = rng.uniform(size=(n, c))
+    labels = (rng.uniform(size=(n, c)) < prob * 0.9).astype(np.float32)  # informative but noisy
+    keys = [f"sample-{i}" for i in range(n)]
+    (tmp_path / "r.yaml").write_text("")
+    task = MultilabelTask(load_recipe(tmp_path / "r.yaml"), [f"c{i}" for i in range(c)], n)
+    logits = torch.from_numpy(np.log(prob / (1 - prob))).float()
+    identity = torch.nn.Identity()  # "images" are the logits, so the model is the identity
+    rows = [task.val_outputs(identity, logits[a:b], None, torch.from_numpy(labels[a:b]), keys[a:b])
+            for a, b in ((0, 97), (97, 98), (98, 300))]  # fmt: skip
+    metrics = task.val_metrics({k: np.concatenate([r[k] for r in rows]) for k in rows[0]}, 0)
+
+    scored = np.array([key_rank(key, 0) >= 0.5 for key in keys])
+    threshold, _ = best_threshold(labels[~scored], prob[~scored])
+    predicted = prob[scored] >= threshold
+    assert metrics["threshold"] == threshold and metrics["threshold_images"] == (~scored).sum()
+    assert metrics["scored_images"] == scored.sum() and 100 < scored.sum() < 200
+    for name, fn in (("f1", f1_score), ("precision", precision_score), ("recall", recall_score), ("accuracy", jaccard_score)):
+        assert metrics[name] == pytest.approx(fn(labels[scored], predicted, average="samples", zero_division=0)), name
+    assert metrics["f1_at_0.5"] == pytest.approx(f1_score(labels[scored], prob[scored] >= 0.5, average="samples", zero_division=0))
+    everything = best_threshold(labels, prob)[1]["f1"]
+    assert metrics["f1"] != pytest.approx(everything)  # not the optimistic score of choosing and scoring on the same images

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,10 +132,15 @@ def test_a_tiny_study_end_to_end_and_twice(tmp_path, train_shards, offline, capl
         for variant in ("original", "masked"):
             assert fmt(results["results"][name][variant]) in text  # the report prints the computed numbers
     assert "not in the table" in text and "Conclusions" in text
-    for figure in ["retrieval.png", "segmentation-examples.png", "loss-classifier.png", "grid-classifier.png"]:
+    from imret.report import comparison_sentence
+
+    assert all(comparison_sentence(row) in text for row in results["comparisons"])  # direction from the test
+    assert "30 validation images, drawn once with seed 1" in text and "may be slightly optimistic" in text
+    assert re.search(r"F1 [0-9.]+ at threshold [0-9.]+, chosen on \d+ validation images and scored on the other \d+", text)
+    for figure in ["retrieval.png", "segmentation-examples.png", "loss-classifier.png", "grid-classifier-original.png", "grid-classifier-masked.png", "f1-classifier.png"]:
         with Image.open(out / "figures" / figure) as img:
             img.verify()
-    for link in [line.split("](")[1].rstrip(")") for line in text.splitlines() if "](figures/" in line]:
+    for link in re.findall(r"\]\((figures/[^)]+)\)", text):
         assert (out / link).is_file(), link
 
     # the same queries for every model and variant: rescoring the stored embeddings reproduces each mean
@@ -187,6 +193,36 @@ def test_a_study_with_no_model_left_or_unbuilt_shards_under_launch_says_what_to_
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ImretError, match=f"imret shards build {tmp_path / 'src'} --format folder .* --max-side 64"):
         run_study(load_study(study))
+
+
+def test_queries_come_from_a_held_out_test_split_and_a_row_can_embed_another_layer(tmp_path, synth_dir, offline):
+    """A build with a test split: the queries are test images and the report says so. The same run is compared
+    twice, once with the layer it declares and once with its head (as the triplet model's pooled control)."""
+    from imret.data.shards import make_loader
+
+    shards = tmp_path / "shards"
+    build_shards(synth_dir, "folder", shards, val_fraction=0.2, test_fraction=0.2, samples_per_shard=20, workers=0)
+    recipe = tmp_path / "cls.yaml"
+    recipe.write_text(f"run:\n  name: cls\n  dir: {tmp_path / 'runs'}\ndata:\n  image_size: 32\n  load_size: 32\n"
+                      "  batch_size_per_device: 16\n  workers: 0\nmodel:\n  backbone: small-cnn\n"
+                      "train:\n  max_epochs: 1\n  steps_per_epoch: 2\nlog:\n  wandb_mode: disabled\n")  # fmt: skip
+    study_path = tmp_path / "study.yaml"
+    study_path.write_text(f"study:\n  out: {tmp_path / 'out'}\n  queries: 10\n  bootstrap_resamples: 100\n"
+                          f"data:\n  shards: {shards}\ntrain:\n  recipes: [{recipe}]\n"
+                          f"compare:\n  models:\n    classifier: {recipe}\n    classifier logits: {recipe}\n"
+                          "embed:\n  layer:\n    classifier logits: head\n")  # fmt: skip
+    report = run_study(load_study(study_path)).read_text()
+    results = json.loads((tmp_path / "out" / "retrieval.json").read_text())
+    test_keys = {k for batch in make_loader(shards, "test", batch_size=8, size=32, training=False) for k in batch["key"]}
+    assert results["query_split"] == "test" and set(results["query_keys"]) <= test_keys and len(test_keys) == 24
+    assert "10 test images, a split held out from training and from model selection" in report
+    models = results["models"]
+    assert (models["classifier"]["layer"], models["classifier"]["dim"]) == ("pooled", 256)
+    assert (models["classifier logits"]["layer"], models["classifier logits"]["dim"]) == ("head", 12)
+    assert "| classifier logits | head 12-d |" in report
+    study_path.write_text(study_path.read_text().replace("classifier logits: head", "classifer: head"))
+    with pytest.raises(ImretError, match="embed.layer names 'classifer', which is not a row of compare.models"):
+        load_study(study_path)
 
 
 def test_an_empty_split_is_refused_before_embedding(tmp_path, synth_dir):

@@ -108,11 +108,15 @@ def final_weights(run_dir: Path) -> dict:
     return torch.load(latest / "state.pt", weights_only=True)["model"]
 
 
-# 20 steps an epoch: accumulating 3 leaves a window of 2 at its end; SIGTERM at step 2 waits for step 3
-@pytest.mark.parametrize("accum, signal_at, saved_at", [(1, 3, 3), (3, 2, 3)])
+# 20 steps an epoch: accumulating 3 leaves a window of 2 at its end; SIGTERM at step 2 waits for step 3. The third
+# case resumes an SGD with Nesterov momentum in the middle of its warm-up and cosine schedule.
+@pytest.mark.parametrize("accum, signal_at, saved_at, optim", [
+    (1, 3, 3, []), (3, 2, 3, []),
+    (1, 5, 5, ["optim.name=sgd", "optim.nesterov=true", "optim.lr=0.05", "optim.schedule=cosine", "optim.warmup_epochs=0.5"])])  # fmt: skip
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, train_shards, monkeypatch, caplog, accum, signal_at,
-                                                      saved_at):  # fmt: skip
-    extra = ["augment.hflip=true", "augment.crop=random_resized", "train.max_epochs=2", f"train.grad_accum_steps={accum}"]
+                                                      saved_at, optim):  # fmt: skip
+    extra = ["augment.hflip=true", "augment.crop=random_resized", "train.max_epochs=2", f"train.grad_accum_steps={accum}",
+             *optim]  # fmt: skip
     straight_recipe = recipe(tmp_path, train_shards, "straight", extra)
     straight_recipe.run_dir.mkdir(parents=True)  # what a run killed before its first checkpoint left behind
     (straight_recipe.run_dir / "metrics.jsonl").write_text('{"epoch": 0, "step": 0, "split": "val", "loss": 9.0}\n')
@@ -146,6 +150,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, train_shards, mo
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
     steps = [r["step"] for r in records(resumed, "train")]
     assert steps == sorted(set(steps))  # metrics.jsonl was cut back to the checkpoint, no duplicates
+    assert [r["lr"] for r in records(resumed, "train")] == pytest.approx([r["lr"] for r in records(straight, "train")])
 
 
 def test_the_exported_model_is_the_lowest_loss_even_below_min_delta(tmp_path, train_shards, monkeypatch):
@@ -237,13 +242,15 @@ def torchrun(*args, timeout=300):
 def test_two_gloo_ranks_train_in_step_to_identical_weights(tmp_path, train_shards):
     path = tmp_path / "recipe.yaml"
     path.write_text("")
-    overrides = tiny_recipe_overrides(train_shards, tmp_path / "runs", "ddp") + ["log.wandb_mode=offline",
-                                                                                 "train.grad_accum_steps=3"]  # fmt: skip
+    overrides = tiny_recipe_overrides(train_shards, tmp_path / "runs", "ddp") + [
+        "log.wandb_mode=offline", "train.grad_accum_steps=3", "optim.scale_lr_with_batch=true"]  # fmt: skip
     result = torchrun("-m", "imret", "train", str(path), *[a for o in overrides for a in ("--set", o)])
     assert result.returncode == 0, result.stderr[-3000:]  # closing W&B left the ranks their process group
     assert list((tmp_path / "runs" / "ddp").glob("wandb/offline-run-*"))
     steps = len(records(tmp_path / "runs" / "ddp", "train"))
     assert "2 ranks agree: 20 steps each" in result.stderr and steps == 20  # 320 samples a rank, batch 32
+    first_lr = records(tmp_path / "runs" / "ddp", "train")[0]["lr"]
+    assert first_lr == pytest.approx(0.001 * (32 * 2 * 3) / 256)  # scaled linearly with the global batch
     assert (tmp_path / "runs" / "ddp" / "model" / "weights.pt").is_file()
 
 
@@ -280,3 +287,75 @@ def test_compiled_training_on_two_ranks_exports_a_model_that_embeds_and_starts_a
     follow = train(recipe(tmp_path, train_shards, "follow", ["model.init=run", f"model.weights={run}",
                                                               "train.max_epochs=1", "train.steps_per_epoch=1"]))  # fmt: skip
     assert json.loads((follow / "model" / "meta.json").read_text())["initialisation"].startswith(f"run {run}")
+
+
+def test_resuming_with_another_optimiser_or_schedule_is_refused(tmp_path, train_shards):
+    run = train(recipe(tmp_path, train_shards, "opt", ["train.max_epochs=1", "train.steps_per_epoch=2"]))
+    with pytest.raises(TrainingError, match=r"another optimiser or schedule \(optim.name adam -> sgd, optim.schedule "
+                                            r"plateau -> cosine\).*model.weights=" + str(run)):  # fmt: skip
+        train(recipe(tmp_path, train_shards, "opt", ["train.max_epochs=2", "train.steps_per_epoch=2", "optim.name=sgd",
+                                                     "optim.schedule=cosine"]))  # fmt: skip
+
+
+def test_two_ranks_at_batch_b_reach_the_weights_of_one_process_at_batch_2b(tmp_path, synth_dir, monkeypatch):
+    """DDP averages gradients: with shards of B samples and no shuffling, one process at 2B reads shards 2i and
+    2i+1 in step i, which is what rank 0 and rank 1 read in their step i; a model without BatchNorm, no
+    augmentation: the same start, the same steps, the same weights."""
+    from imret.data.build import build_shards
+    from imret.models import BACKBONES
+    from shard_tools import register_no_norm_backbone
+
+    shards = tmp_path / "shards"
+    build_shards(synth_dir, "folder", shards, val_fraction=0.2, samples_per_shard=8, workers=0)
+    common = tiny_recipe_overrides(shards, tmp_path / "runs") + [
+        "model.backbone=no-norm", "data.shuffle_buffer=0", "train.max_epochs=1", "optim.lr=0.01"]  # fmt: skip
+    path = tmp_path / "recipe.yaml"
+    path.write_text("")
+    result = torchrun(str(Path(__file__).parent / "ddp_train_probe.py"), str(path), str(tmp_path), "no-norm",
+                      *common, "run.name=two", "data.batch_size_per_device=8")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "rank0.json").read_text()) == {"ok": True}
+    monkeypatch.setitem(BACKBONES, "no-norm", None)
+    register_no_norm_backbone()
+    one = train(load_recipe(path, common + ["run.name=one", "data.batch_size_per_device=16"]))
+    a, b = final_weights(one), final_weights(tmp_path / "runs" / "two")
+    assert len(records(one, "train")) == len(records(tmp_path / "runs" / "two", "train")) == 6  # 96 images, 16 a step
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    from accelerate.utils import set_seed
+
+    from imret.tasks import make_task
+
+    set_seed(0)  # the start both runs had: seed + rank 0
+    start = make_task(load_recipe(path, common), [f"c{i}" for i in range(12)]).build_model().state_dict()
+    assert not torch.allclose(start["trunk.0.weight"], a["trunk.0.weight"], atol=1e-3)  # training moved them
+
+
+def test_triplet_validation_is_the_same_on_one_rank_and_on_two(tmp_path, train_shards):
+    """The untrained model (rank 0's start on both) validated on 1 rank and on 2, batches falling differently."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text("")
+    common = tiny_recipe_overrides(train_shards, tmp_path / "runs") + [
+        "task.name=triplet", "train.max_epochs=1", "train.steps_per_epoch=1", "data.batch_size_per_device=24"]  # fmt: skip
+    result = torchrun("-m", "imret", "train", str(path), *[a for o in common + ["run.name=two"] for a in ("--set", o)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = train(load_recipe(path, common + ["run.name=one", "data.batch_size_per_device=16"]))
+    single, double = records(one, "val")[0], records(tmp_path / "runs" / "two", "val")[0]
+    assert single["step"] == double["step"] == 0 and single["triplets"] == double["triplets"] > 0
+    for metric in ("loss", "active_fraction", "pos_distance", "neg_distance", "val_iou_at_5", "sampled"):
+        assert single[metric] == pytest.approx(double[metric], rel=1e-5, abs=1e-6), metric
+
+
+def test_auto_precision_reads_a_plain_launchs_no_as_no_choice(monkeypatch):
+    from imret.train import resolve_precision
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert resolve_precision("auto") is None  # the launch config chose: accelerate applies it
+    for unset in ("no", None):
+        if unset:
+            monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", unset)
+        else:
+            monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+        expected = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        assert resolve_precision("auto") == expected
+    assert resolve_precision("no") == "no"

@@ -66,11 +66,13 @@ def sample_key(sample_id: str) -> str:
     return f"{slug}-{hashlib.sha1(sample_id.encode('utf-8')).hexdigest()[:12]}"
 
 
-def split_ids(ids: Iterable[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Order ids by a seeded hash and cut: the split depends on the ids and the seed, never on file order."""
+def split_ids(ids: Iterable[str], val_fraction: float, seed: int,
+              test_fraction: float = 0.0) -> tuple[list[str], list[str], list[str]]:  # fmt: skip
+    """(train, val, test): ids ordered by a seeded hash and cut, val first, then test, the rest train; the split
+    depends on the ids and the seed, never on file order, and adding a test split leaves val as it was."""
     order = sorted(set(ids), key=lambda i: hashlib.sha256(f"{seed}\0{i}".encode("utf-8")).digest())
-    n_val = round(len(order) * val_fraction)
-    return order[n_val:], order[:n_val]
+    n_val, n_test = round(len(order) * val_fraction), round(len(order) * test_fraction)
+    return order[n_val + n_test :], order[:n_val], order[n_val : n_val + n_test]
 
 
 # ---------------------------------------------------------------- one sample (runs in a worker process)
@@ -218,15 +220,17 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         (out / MANIFEST).unlink()  # first, so a build killed from here on is never read as complete
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.iterdir():  # our own leftovers from an earlier or killed build, nothing else
-        if re.fullmatch(r"\.?(train|val)-\d{6}\.tar(\.tmp)?|\.manifest\.json\.tmp", stale.name):
+        if re.fullmatch(r"\.?(train|val|test)-\d{6}\.tar(\.tmp)?|\.manifest\.json\.tmp", stale.name):
             stale.unlink()
 
 
 def build_shards(src: str | Path, fmt: str, out: str | Path, *, val_fraction: float = 0.1, seed: int = 0,
                  samples_per_shard: int = 1000, max_side: int | None = None, workers: int | None = None,
-                 overwrite: bool = False, strict: bool = False, require_masks: bool = False) -> dict[str, Any]:  # fmt: skip
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+                 overwrite: bool = False, strict: bool = False, require_masks: bool = False,
+                 test_fraction: float = 0.0) -> dict[str, Any]:  # fmt: skip
+    if not (0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0 and val_fraction + test_fraction < 1.0):
+        raise DataError(f"--val-fraction and --test-fraction must each be in [0, 1) and leave images to train on, "
+                        f"got {val_fraction} and {test_fraction}")  # fmt: skip
     if samples_per_shard < 1 or (max_side is not None and max_side < 16):
         raise DataError("--samples-per-shard must be >= 1 and --max-side >= 16")
     out = Path(out)
@@ -234,8 +238,8 @@ def build_shards(src: str | Path, fmt: str, out: str | Path, *, val_fraction: fl
     _prepare_out(out, overwrite)
 
     candidates = {r.id: r for r in source.records if not r.problem}
-    train_ids, val_ids = split_ids(candidates, val_fraction, seed)
-    ordered = [(split, candidates[i]) for split, ids in (("train", train_ids), ("val", val_ids)) for i in ids]
+    splits = dict(zip(SPLITS, split_ids(candidates, val_fraction, seed, test_fraction)))
+    ordered = [(split, candidates[i]) for split, ids in splits.items() for i in ids]
     rejected = [Rejected(r.id, r.source, r.problem) for r in source.records if r.problem]
 
     encode = partial(encode_record, class_index={name: i for i, name in enumerate(source.classes)}, max_side=max_side)
@@ -283,7 +287,8 @@ def build_shards(src: str | Path, fmt: str, out: str | Path, *, val_fraction: fl
         "samples_with_masks": with_masks,
         "splits": {split: {"samples": samples[split], "shards": writers[split].shards} for split in SPLITS},
         "rejected": [{"source": r.source, "id": r.id, "reason": r.reason} for r in rejected],
-        "source": {"format": fmt, "path": str(Path(src).resolve()), "val_fraction": val_fraction, "seed": seed,
+        "source": {"format": fmt, "path": str(Path(src).resolve()), "val_fraction": val_fraction,
+                   "test_fraction": test_fraction, "seed": seed,
                    "samples_per_shard": samples_per_shard, "max_side": max_side},  # fmt: skip
     }
     write_json_atomic(out / MANIFEST, manifest)

@@ -12,7 +12,7 @@ from imret.errors import DataError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")  # test: optional, held out from training and model selection (--test-fraction)
 
 
 def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
@@ -24,6 +24,7 @@ def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
         version = manifest["format_version"]
+        manifest["splits"].setdefault("test", {"samples": 0, "shards": []})  # builds before --test-fraction
         for split in SPLITS:
             for shard in manifest["splits"][split]["shards"]:
                 shard["file"], shard["samples"], shard["bytes"], shard["sha256"]  # noqa: B018 (presence check)
@@ -37,7 +38,8 @@ def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
 
 def manifest_hash(manifest: dict[str, Any]) -> str:
     """Identifies the data a model saw or a gallery holds: the shard checksums and the classes."""
-    content = {"classes": manifest["classes"], "shards": {s: manifest["splits"][s]["shards"] for s in SPLITS}}
+    shards = {s: manifest["splits"][s]["shards"] for s in SPLITS if s != "test" or manifest["splits"][s]["shards"]}
+    content = {"classes": manifest["classes"], "shards": shards}  # an empty test split: the hash of older builds
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -289,8 +289,12 @@ class ShardLoader:
         self.stream.epoch = epoch
 
     def __len__(self) -> int:
+        return self.batches_in_epoch(self.stream.epoch)
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        """The batches of an epoch, known before it starts (a learning-rate schedule plans with them)."""
         per_rank = []
-        for workers in self.stream.assignment(self.stream.epoch):
+        for workers in self.stream.assignment(epoch):
             if self.stream.training:
                 counts = [sum(n for _, n, _ in shards) for shards in workers]
                 per_rank.append(sum((n - self.stream.allowed_bad(n)) // self.batch_size for n in counts))

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import hashlib
+
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,12 @@ class Task:
                    out: Path) -> Path | None:  # fmt: skip
         """Optionally draw example predictions of one validation batch into `out`."""
         return None
+
+
+def key_rank(key: str, seed: int) -> float:
+    """A uniform number in [0, 1) drawn from a sample's key and a seed: a split or a sample of the validation set
+    that is the same on any number of ranks, at any batch size, in any order."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{key}".encode()).digest()[:8], "little") / 2**64
 
 
 def cpu(tensor: torch.Tensor) -> np.ndarray:

@@ -11,7 +11,6 @@ embedding collapses."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
 import numpy as np
@@ -22,17 +21,12 @@ from imret.errors import ImretError
 from imret.losses import margin_at, triplet_loss
 from imret.metrics import label_iou
 from imret.models import RetrievalNet
-from imret.tasks.base import Task, cpu
+from imret.tasks.base import Task, cpu, key_rank
 
 log = logging.getLogger("imret.train")
 COLLAPSE_DISTANCE = 1e-3
 VAL_SAMPLE = 4096
 VAL_CHUNK = 256
-
-
-def key_rank(key: str, seed: int) -> float:
-    """A uniform number in [0, 1) drawn from the key and the seed: the sample and its order."""
-    return int.from_bytes(hashlib.sha256(f"{seed}\0{key}".encode()).digest()[:8], "little") / 2**64
 
 
 class TripletTask(Task):
