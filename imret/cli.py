@@ -110,6 +110,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if not torch.cuda.is_available():
             raise ImretError("imret bench gpu measures a CUDA GPU, and this machine has none visible")
         result = run_gpu_bench(torch.device("cuda"))
+    elif args.what == "scale":
+        from imret.bench_scale import bench_scale
+
+        result = bench_scale(tuple(int(n) for n in args.sizes.split(",")))
     else:
         result = bench.run(args.what, images=args.images, size=args.size, workers=args.workers)
     print(json.dumps(result, indent=1) if args.json else bench.format_result(result))
@@ -196,11 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     bench = commands.add_parser("bench", help="measure throughput against a plain baseline")
-    bench.add_argument("what", choices=["loader", "train", "embed", "faiss", "gpu"],
-                       help="gpu: every GPU figure in one run, under 5 minutes (its sizes are fixed)")
+    bench.add_argument("what", choices=["loader", "train", "embed", "faiss", "gpu", "scale"],
+                       help="gpu: every GPU figure in one run, under 5 minutes (its sizes are fixed); "
+                            "scale: merge, index and score at growing gallery sizes, time and peak memory")
     bench.add_argument("--images", type=int, default=2000, help="dataset size (loader) or gallery size (faiss)")
     bench.add_argument("--size", type=int, default=96, help="side of the images the loader yields")
     bench.add_argument("--workers", type=int, default=2)
+    bench.add_argument("--sizes", default="100000,1000000,10000000", help="scale: gallery sizes, comma-separated")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
     return parser

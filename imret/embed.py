@@ -2,7 +2,7 @@
 
 Each rank embeds every world-th shard of the split, one part file per shard, written atomically; a rerun
 skips finished parts (and redoes them all when the model, the shards or the masking changed). Rank 0 then
-merges the parts, in manifest order, into `embeddings.npy`, `keys.json`, `labels.npy` and, last,
+merges the parts, in manifest order, into `embeddings.npy`, `labels.npy`, `keys.txt` (with its offsets) and, last,
 `meta.json`. The layer is the one the model declared. `--mask-with SEG_RUN` zeroes the background with the
 U-Net's predicted mask first, as the study did.
 """
@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from collections import defaultdict
+from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,12 +29,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from imret.config import AugmentConfig, recipe_from_dict
+from imret.config import AugmentConfig, TrainConfig, recipe_from_dict
 from imret.data.augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, denormalise
 from imret.data.device_decode import check_decode_device, images_on_device, resolve_decode
 from imret.data.manifest import load_manifest, manifest_hash, sha256_file, write_json_atomic
 from imret.data.shards import ShardBatches, shard_files
 from imret.errors import ImretError
+from imret.keyfile import KeyFile, KeyWriter
 from imret.models import RetrievalNet, initialise_trunk, make_backbone
 from imret.system import usable_cores
 
@@ -119,24 +121,37 @@ def batches_by_shard(shards: list[tuple[Path, int, int]], size: int, classes: in
                       prefetch_factor=2 if workers else None)  # fmt: skip
 
 
-def cached_masks(masker: Masker, shards: list[tuple[Path, int, int]], cache: Path, load_size: int, classes: int,
-                 device: torch.device, batch_size: int, workers: int, decode: str) -> dict[Path, np.ndarray]:  # fmt: skip
+def mask_path(cache: Path, shard: Path) -> Path:
+    return cache / f"{shard.stem}.masks.npz"
+
+
+def write_masks(path: Path, masks: np.ndarray) -> None:
+    """Bit-packed and compressed: a 224 px mask is 49 KiB as bytes, 6 KiB packed, and less once compressed."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")  # another job may share this cache
+    np.savez_compressed(tmp, packed=np.packbits(masks.astype(bool), axis=-1), side=masks.shape[-1] if masks.size else 0)
+    os.replace(tmp, path)
+
+
+def read_masks(path: Path) -> np.ndarray:
+    with np.load(path) as stored:
+        return np.unpackbits(stored["packed"], axis=-1, count=int(stored["side"])).astype(np.uint8)
+
+
+def cache_masks(masker: Masker, shards: list[tuple[Path, int, int]], cache: Path, load_size: int, classes: int,
+                device: torch.device, batch_size: int, workers: int, decode: str) -> None:  # fmt: skip
     """Predicted masks of each shard's samples, in order, cached under the segmentation run: every compared
     model that sees the same crop reuses them instead of running the U-Net again."""
-    missing = [shard for shard in shards if not (cache / f"{shard[0].stem}.npy").is_file()]
-    if missing:
-        cache.mkdir(parents=True, exist_ok=True)
-        pending: dict[int, list[np.ndarray]] = defaultdict(list)
-        for batch in batches_by_shard(missing, load_size, classes, batch_size, workers, device, decode):
-            if batch["key"]:
-                pending[batch["shard"]].append(masker(images_on_device(batch, load_size, device)).cpu().numpy())
-            if batch["last"]:
-                masks = pending.pop(batch["shard"], [])
-                path = cache / f"{missing[batch['shard']][0].stem}.npy"
-                tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")  # another job may share this cache
-                np.save(tmp, np.concatenate(masks) if masks else np.zeros((0, 1, 1), np.uint8))
-                os.replace(tmp, path)
-    return {shard[0]: np.load(cache / f"{shard[0].stem}.npy", mmap_mode="r") for shard in shards}
+    missing = [shard for shard in shards if not mask_path(cache, shard[0]).is_file()]
+    if not missing:
+        return
+    cache.mkdir(parents=True, exist_ok=True)
+    pending: dict[int, list[np.ndarray]] = defaultdict(list)
+    for batch in batches_by_shard(missing, load_size, classes, batch_size, workers, device, decode):
+        if batch["key"]:
+            pending[batch["shard"]].append(masker(images_on_device(batch, load_size, device)).cpu().numpy())
+        if batch["last"]:
+            masks = pending.pop(batch["shard"], [])
+            write_masks(mask_path(cache, missing[batch["shard"]][0]), np.concatenate(masks) if masks else np.zeros((0, 1, 1), np.uint8))
 
 
 def job_fingerprint(source: str, meta: dict, seg_source: str | None, seg_meta: dict | None, manifest: dict, split: str) -> dict:
@@ -165,8 +180,10 @@ def embed(source: str, shards: str | Path, split: str, mask_with: str | None = N
           batch_size: int = 128, workers: int | None = None, decode: str = "auto", layer: str | None = None) -> Path:  # fmt: skip
     """decode: where JPEGs are decoded, as `data.decode` in a recipe (auto: on the GPU when there is one).
     layer: pooled|head instead of the layer the model declares (a study's control rows)."""
-    # PartialState, not an Accelerator: a study may already hold one with another mixed-precision setting
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    # PartialState, not an Accelerator: a study may already hold one with another mixed-precision setting. The
+    # other ranks wait while rank 0 merges: under the recipes' collective timeout, not torch's 10 minutes
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"),
+                         timeout=timedelta(seconds=TrainConfig().collective_timeout_s))  # fmt: skip
     decode = resolve_decode(decode, state.device)
     check_decode_device(decode, state.device)
     bf16 = state.device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -205,8 +222,9 @@ def embed(source: str, shards: str | Path, split: str, mask_with: str | None = N
     mine = files[state.process_index :: state.num_processes]
     classes = len(manifest["classes"])
     todo = [f for f in mine if not (parts / f"{f[0].stem}.npz").is_file()]
-    masks = (cached_masks(masker, todo, mask_cache, meta["load_size"], classes, state.device, batch_size, workers, decode)
-             if masker else None)  # fmt: skip
+    if masker:
+        cache_masks(masker, todo, mask_cache, meta["load_size"], classes, state.device, batch_size, workers, decode)
+    shard_masks: dict[int, np.ndarray] = {}  # the cached masks of the shards in flight, one entry per shard
     bar = tqdm(total=sum(f[1] for f in todo), desc=f"embed {split}", unit="img", disable=not state.is_local_main_process)
     start = time.perf_counter()
     pending: dict[int, Part] = defaultdict(Part)
@@ -214,7 +232,11 @@ def embed(source: str, shards: str | Path, split: str, mask_with: str | None = N
         shard, part = todo[batch["shard"]], pending[batch["shard"]]
         if batch["key"]:
             done, count = len(part.keys), len(batch["key"])
-            batch_masks = torch.from_numpy(masks[shard[0]][done : done + count].copy()) if masks is not None else None
+            batch_masks = None
+            if masker:
+                if batch["shard"] not in shard_masks:
+                    shard_masks[batch["shard"]] = read_masks(mask_path(mask_cache, shard[0]))
+                batch_masks = torch.from_numpy(shard_masks[batch["shard"]][done : done + count])
             images = images_on_device(batch, meta["load_size"], state.device)
             with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=bf16):
                 part.vectors.append(embedder(images, batch_masks).cpu().numpy())
@@ -224,12 +246,38 @@ def embed(source: str, shards: str | Path, split: str, mask_with: str | None = N
             bar.set_postfix(img_s=f"{bar.n / (time.perf_counter() - start):.0f}")
         if batch["last"]:
             write_part(parts / f"{shard[0].stem}.npz", pending.pop(batch["shard"]), meta["embedding"]["dim"], classes)
+            shard_masks.pop(batch["shard"], None)
     bar.close()
     state.wait_for_everyone()
     if state.is_main_process:
         merge_parts(out, [parts / f"{f[0].stem}.npz" for f in files], meta, fingerprint, manifest, split, str(shards))
     state.wait_for_everyone()
     return out
+
+
+class NpyWriter:
+    """A .npy file of known shape written row block by row block with plain writes (pages written through a
+    memory map would stay resident in this process), under a temporary name until `close` checks and renames."""
+
+    def __init__(self, path: Path, dtype, shape: tuple[int, int]):
+        self.path, self.dtype, self.shape = path, np.dtype(dtype), shape
+        self.tmp = path.with_name(f".{path.stem}.tmp.npy")
+        self.handle = open(self.tmp, "wb")
+        np.lib.format.write_array_header_1_0(self.handle, {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                           "fortran_order": False, "shape": shape})  # fmt: skip
+        self.rows = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        self.handle.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+        self.rows += len(rows)
+
+    def close(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        if self.rows != self.shape[0]:
+            raise ImretError(f"{self.path}: wrote {self.rows} rows of {self.shape[0]}; the parts changed during the merge")
+        os.replace(self.tmp, self.path)
 
 
 @dataclass
@@ -251,29 +299,38 @@ def write_part(path: Path, part: Part, dim: int, classes: int) -> None:
 
 def merge_parts(out: Path, part_paths: list[Path], meta: dict, fingerprint: dict, manifest: dict, split: str,
                 shards: str) -> None:  # fmt: skip
-    keys, labels, vectors = [], [], []
+    """The parts, in manifest order, streamed into `embeddings.npy` (float32) and `labels.npy` (multi-hot uint8),
+    which readers memory-map, and a key file (imret.keyfile), one part in memory at a time: RAM does not grow with
+    the split. Each is written under a temporary name and renamed; `meta.json` comes last. A sample cannot come
+    twice: each part is one shard of the manifest, and the shard build made keys unique."""
+    counts = []
     for path in part_paths:
         with np.load(path, allow_pickle=False) as part:
-            keys += part["keys"].tolist()
-            labels.append(part["labels"])
-            vectors.append(part["embeddings"])
-    if len(set(keys)) != len(keys):
-        raise ImretError(f"{out}: a sample was embedded twice; delete {out} and run again")
+            counts.append(len(part["keys"]))
+    total, dim, classes = sum(counts), meta["embedding"]["dim"], len(manifest["classes"])
     expected = manifest["splits"][split]["samples"]
-    if len(keys) != expected:
-        log.warning("%s: %d of %d samples embedded (the rest failed to decode; see the warnings above)", out, len(keys), expected)
-    np.save(out / "embeddings.npy", np.concatenate(vectors).astype(np.float32))
-    np.save(out / "labels.npy", np.concatenate(labels))
-    write_json_atomic(out / "keys.json", keys)
+    if total != expected:
+        log.warning("%s: %d of %d samples embedded (the rest failed to decode; see the warnings above)", out, total, expected)
+    vectors = NpyWriter(out / "embeddings.npy", np.float32, (total, dim))
+    labels = NpyWriter(out / "labels.npy", np.uint8, (total, classes))
+    keys = KeyWriter(out / "keys")
+    for path in part_paths:
+        with np.load(path, allow_pickle=False) as part:
+            vectors.add(part["embeddings"])
+            labels.add(part["labels"])
+            keys.add(part["keys"].tolist())
+    vectors.close()
+    labels.close()
+    keys.close()
     write_json_atomic(out / "meta.json", {
         "model": fingerprint["model"], "task": meta["task"], "layer": meta["embedding"]["layer"],
-        "dim": meta["embedding"]["dim"], "count": len(keys), "split": split, "mask_with": fingerprint["mask_with"],
+        "dim": dim, "count": total, "split": split, "mask_with": fingerprint["mask_with"],
         "locations": {"model": absolute(fingerprint["model"]), "mask_with": absolute(fingerprint["mask_with"]),
                       "shards": absolute(shards)},  # for imret search and serve, started from anywhere
         "initialisation": meta["initialisation"], "classes": manifest["classes"],
         "shards_manifest_hash": fingerprint["shards_manifest_hash"], "job": fingerprint,
     })  # fmt: skip
-    log.info("%s: %d embeddings of dimension %d (%s layer)", out, len(keys), meta["embedding"]["dim"], meta["embedding"]["layer"])
+    log.info("%s: %d embeddings of dimension %d (%s layer)", out, total, dim, meta["embedding"]["layer"])
 
 
 def absolute(location: str | None) -> str | None:
@@ -283,14 +340,18 @@ def absolute(location: str | None) -> str | None:
     return str(Path(location).resolve())
 
 
-def load_embeddings(directory: str | Path) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, Any]]:
+def load_embeddings(directory: str | Path) -> tuple[np.ndarray, np.ndarray, KeyFile, dict[str, Any]]:
+    """(embeddings [N, dim] float32 and labels [N, C] uint8, both memory-mapped; the keys; meta)."""
     directory = Path(directory)
     if not (directory / "meta.json").is_file():
         raise ImretError(f"{directory}: no complete embeddings (meta.json is written last); run imret embed")
     meta = json.loads((directory / "meta.json").read_text())
-    embeddings = np.load(directory / "embeddings.npy")
-    labels = np.load(directory / "labels.npy")
-    keys = json.loads((directory / "keys.json").read_text())
+    try:
+        embeddings = np.load(directory / "embeddings.npy", mmap_mode="r")
+        labels = np.load(directory / "labels.npy", mmap_mode="r")
+        keys = KeyFile(directory / "keys")
+    except (OSError, ValueError) as exc:
+        raise ImretError(f"{directory}: unreadable embeddings ({exc}); run imret embed again") from None
     if not len(embeddings) == len(labels) == len(keys) == meta["count"]:
         raise ImretError(f"{directory}: embeddings, labels and keys disagree on the count; run imret embed again")
     return embeddings, labels, keys, meta

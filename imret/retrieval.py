@@ -8,6 +8,7 @@ evaluation: slower than one matrix product), so imret lowers that threshold and 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,9 @@ def build_index(embeddings: np.ndarray, kind: str = "flat", device: str = "auto"
     gpus = gpu_count(device)
     if kind == "flat":
         index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16) if float16 and not gpus else faiss.IndexFlatL2(dim)
+        if not gpus:  # room for every vector up front: a vector grown chunk by chunk would briefly hold two copies
+            index.codes.resize(n * index.code_size)
+            index.codes.resize(0)
     elif kind == "ivfpq":
         if n < PQ_MIN_TRAIN:
             raise ImretError(f"ivfpq needs at least {PQ_MIN_TRAIN} embeddings to train, got {n}; use --kind flat "
@@ -109,13 +113,33 @@ def build_index(embeddings: np.ndarray, kind: str = "flat", device: str = "auto"
         if kind == "ivfpq":
             faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", min(nlist, 16))
     for start in range(0, n, ADD_CHUNK):
-        index.add(np.ascontiguousarray(embeddings[start : start + ADD_CHUNK], dtype=np.float32))
+        index.add(np.ascontiguousarray(read_rows(embeddings, start, start + ADD_CHUNK), dtype=np.float32))
     return index
 
 
 def training_sample(embeddings: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """`size` rows drawn from the seed, gathered chunk by chunk (a memory-mapped gallery is read once, in order)."""
     rows = np.sort(np.random.default_rng(seed).choice(len(embeddings), size=size, replace=False))
-    return np.ascontiguousarray(embeddings[rows], dtype=np.float32)
+    picked = []
+    for start in range(0, len(embeddings), ADD_CHUNK):
+        inside = rows[(rows >= start) & (rows < start + ADD_CHUNK)]
+        if len(inside):
+            picked.append(read_rows(embeddings, start, start + ADD_CHUNK)[inside - start])
+    return np.ascontiguousarray(np.concatenate(picked), dtype=np.float32)
+
+
+def read_rows(array: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows start:stop in memory. From a memory-mapped file they are read with a plain file read: pages touched
+    through the map would stay resident in this process, and a pass over a 50M-row gallery would pull all of it
+    into the process's memory."""
+    stop = min(stop, len(array))
+    if not (isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap)):  # in memory, or a view of a map
+        return np.asarray(array[start:stop])
+    row_items = int(np.prod(array.shape[1:], dtype=np.int64))
+    with open(array.filename, "rb") as handle:
+        handle.seek(array.offset + start * row_items * array.dtype.itemsize)
+        rows = np.fromfile(handle, dtype=array.dtype, count=(stop - start) * row_items)
+    return rows.reshape(stop - start, *array.shape[1:])
 
 
 def search(index: Any, queries: np.ndarray, k: int, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
@@ -206,20 +230,26 @@ def random_baseline(gallery_labels: np.ndarray, query_labels: np.ndarray, k: int
     return neighbour_iou(gallery_labels, query_labels, neighbours).mean(1)
 
 
-def ideal_gains(gallery_labels: np.ndarray, query_labels: np.ndarray, k: int, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Per query: the k best IoUs anywhere in the gallery [Q, k], and how many gallery items are relevant [Q]."""
-    g = np.asarray(gallery_labels, dtype=np.float32)
-    g_count = g.sum(1)
-    best, relevant = [], []
-    for start in range(0, len(query_labels), chunk):
-        q = np.asarray(query_labels[start : start + chunk], dtype=np.float32)
-        inter = q @ g.T
-        union = q.sum(1)[:, None] + g_count[None, :] - inter
-        iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-        top = -np.partition(-iou, min(k, iou.shape[1]) - 1, axis=1)[:, :k]
-        best.append(np.sort(top, axis=1)[:, ::-1])
-        relevant.append((iou >= RELEVANT_IOU).sum(1))
-    return np.concatenate(best), np.concatenate(relevant)
+def ideal_gains(gallery_labels: np.ndarray, query_labels: np.ndarray, k: int, chunk: int = 256,
+                gallery_chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Per query: the k best IoUs anywhere in the gallery [Q, k], and how many gallery items are relevant [Q].
+    The gallery is read in chunks and kept top-k merged as it passes: no queries x gallery matrix."""
+    q = np.asarray(query_labels, dtype=np.float32)
+    best = np.zeros((len(q), 0), dtype=np.float32)
+    relevant = np.zeros(len(q), dtype=np.int64)
+    for g_start in range(0, len(gallery_labels), gallery_chunk):
+        g = read_rows(gallery_labels, g_start, g_start + gallery_chunk).astype(np.float32)
+        g_count = g.sum(1)
+        tops = []
+        for start in range(0, len(q), chunk):
+            inter = q[start : start + chunk] @ g.T
+            union = q[start : start + chunk].sum(1)[:, None] + g_count[None, :] - inter
+            iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+            tops.append(-np.partition(-iou, min(k, iou.shape[1]) - 1, axis=1)[:, :k])
+            relevant[start : start + chunk] += (iou >= RELEVANT_IOU).sum(1)
+        merged = np.concatenate([best, np.concatenate(tops)], axis=1)
+        best = -np.partition(-merged, min(k, merged.shape[1]) - 1, axis=1)[:, :k]
+    return np.sort(best, axis=1)[:, ::-1], relevant
 
 
 def ranking_scores(ious: np.ndarray, ideal: np.ndarray, relevant_total: np.ndarray) -> dict[str, np.ndarray]:

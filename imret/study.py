@@ -10,13 +10,14 @@ on rank 0; the shards must exist already (the study prints the `imret shards bui
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import numpy as np
 
@@ -223,13 +224,23 @@ def describe_model(source: str, variants: dict) -> dict[str, Any]:
             "initialisation": meta["initialisation"]}  # fmt: skip
 
 
-def select_queries(keys: list[str], count: int, seed: int) -> list[str]:
-    """The query set: drawn once from the seed over the sorted keys of the query split, the same for every
-    model and both variants."""
-    ordered = sorted(keys)
-    rng = np.random.default_rng(seed)
-    chosen = rng.choice(len(ordered), size=min(count, len(ordered)), replace=False)
-    return [ordered[i] for i in sorted(chosen)]
+def select_queries(keys: Iterable[str], count: int, seed: int) -> list[str]:
+    """The query set: the `count` keys of the query split that rank first by a seeded hash of the key, in key
+    order; the same for every model and both variants, independent of the order the keys come in, and drawn
+    in one pass that holds `count` keys, whatever the split's size."""
+    from imret.tasks.base import key_rank
+
+    return sorted(key for _, key in heapq.nsmallest(count, ((key_rank(key, seed), key) for key in keys)))
+
+
+def rows_of(keys: Iterable[str], wanted: list[str]) -> list[int]:
+    """The row of each wanted key, in the order given, from one pass over the keys."""
+    position = {key: i for i, key in enumerate(wanted)}
+    rows: list[int | None] = [None] * len(wanted)
+    for row, key in enumerate(keys):
+        if key in position:
+            rows[position[key]] = row
+    return rows  # type: ignore[return-value]
 
 
 def score(study: StudyRecipe, embeddings: dict) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -248,9 +259,9 @@ def score(study: StudyRecipe, embeddings: dict) -> tuple[dict[str, Any], dict[st
         raise ImretError(f"{first['queries']}: no embeddings to draw queries from")
     if s.k > len(gallery_keys):
         raise ImretError(f"study.k={s.k} exceeds the gallery of {len(gallery_keys)} train images")
-    candidate_row = {key: i for i, key in enumerate(candidate_keys)}
-    query_labels = candidate_labels[[candidate_row[key] for key in query_keys]]
+    query_labels = np.asarray(candidate_labels[rows_of(candidate_keys, query_keys)])
     ideal, relevant_total = ideal_gains(gallery_labels, query_labels, s.k)
+    gallery_digest = gallery_keys.digest()
 
     def scored(ious: np.ndarray) -> dict[str, Any]:
         ranking = ranking_scores(ious, ideal, relevant_total)
@@ -266,15 +277,15 @@ def score(study: StudyRecipe, embeddings: dict) -> tuple[dict[str, Any], dict[st
         for variant, dirs in variants.items():
             g_emb, _, g_keys, g_meta = load_embeddings(dirs["gallery"])
             q_emb, _, q_keys, _ = load_embeddings(dirs["queries"])
-            if g_keys != gallery_keys:
+            if g_keys.digest() != gallery_digest:
                 raise ImretError(f"{dirs['gallery']}: a different gallery from {first['gallery']}; embed again")
-            rows = {key: i for i, key in enumerate(q_keys)}
-            missing = [key for key in query_keys if key not in rows]
+            rows = rows_of(q_keys, query_keys)
+            missing = [key for key, row in zip(query_keys, rows) if row is None]
             if missing:
                 raise ImretError(f"{dirs['queries']}: {len(missing)} of the queries are not embedded (first: {missing[0]}); "
                                  f"they decoded for {first['queries']} but not here: see the embedding warnings")  # fmt: skip
             index = exact_gallery_index(dirs["gallery"], g_emb, g_meta, s.faiss_device)
-            found = search(index, q_emb[[rows[key] for key in query_keys]], s.k)[1]
+            found = search(index, np.asarray(q_emb[rows]), s.k)[1]
             del index
             results[name][variant], per_query[name, variant] = scored(neighbour_iou(gallery_labels, query_labels, found))
             neighbours[name, variant] = found

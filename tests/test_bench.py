@@ -38,3 +38,14 @@ def test_the_gpu_benchmark_code_runs_at_toy_size_on_the_cpu():
         assert figures["images_per_s"] > 0 and figures["of_ceiling"] > 0
     assert result["decode"]["cpu_core_images_per_s"] > 0 and result["embed_images_per_s"] > 0
     assert 0.5 < result["faiss"]["ivfpq_recall_at_10"] <= 1.0
+
+
+def test_the_scale_benchmark_runs_every_stage_in_its_own_process(tmp_path):
+    from imret.bench_scale import STAGES, bench_scale
+
+    result = bench_scale((3000,), workdir=str(tmp_path))
+    (row,) = result["sizes"]
+    assert row["n"] == 3000 and row["embeddings_mib"] == pytest.approx(3000 * 128 * 4 / 2**20, abs=0.1)
+    for stage in STAGES:
+        assert row[stage]["seconds"] > 0 and row[stage]["peak_rss_mib"] > 50
+    assert row["score_mean_iou"] > 0.3  # clustered vectors with labels that follow their cluster: retrieval works

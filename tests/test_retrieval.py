@@ -48,13 +48,16 @@ def test_random_baseline_is_seeded_distinct_and_correct():
     assert 0.1 < a.mean() < 0.4  # random tags with p=0.3: expected IoU about 0.18
 
 
-def test_ranking_scores_equal_brute_force():
+@pytest.mark.parametrize("gallery_chunk", [1 << 16, 7])  # one pass, and many chunks whose top-k are merged
+def test_ranking_scores_equal_brute_force(tmp_path, gallery_chunk):
     _, g_labels, _, q_labels = data(seed=1, n=200, q=30, classes=5)
+    np.save(tmp_path / "labels.npy", g_labels)
+    g_labels = np.load(tmp_path / "labels.npy", mmap_mode="r")  # as the study reads them
     rng = np.random.default_rng(1)
     k = 5
     retrieved = np.stack([rng.choice(200, k, replace=False) for _ in range(30)])
     ious = np.array([[brute_iou(q, g_labels[j]) for j in row] for q, row in zip(q_labels, retrieved)])
-    ideal, relevant_total = ideal_gains(g_labels, q_labels, k)
+    ideal, relevant_total = ideal_gains(g_labels, q_labels, k, chunk=8, gallery_chunk=gallery_chunk)
     scores = ranking_scores(ious, ideal, relevant_total)
     for i, q in enumerate(q_labels):
         all_ious = np.array([brute_iou(q, g) for g in g_labels])

@@ -1,0 +1,89 @@
+"""Sample keys at any count: one key a line in `<name>.txt` and the byte offset of each line in
+`<name>.offsets.npy`, so the i-th key is one seek away and nothing holds 50 million Python strings."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+class KeyWriter:
+    """Appends keys to `<base>.txt.tmp` and their offsets to a buffered list of arrays; `close` renames both into
+    place (offsets last), so a reader never meets a half-written key file."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.text_tmp = base.with_name(f".{base.name}.txt.tmp")
+        self.handle = open(self.text_tmp, "wb")
+        self.offsets: list[np.ndarray] = [np.zeros(1, np.int64)]
+        self.position = 0
+
+    def add(self, keys: Iterable[str]) -> None:
+        encoded = [f"{key}\n".encode() for key in keys]
+        if not encoded:
+            return
+        self.handle.write(b"".join(encoded))
+        self.offsets.append(self.position + np.cumsum([len(e) for e in encoded], dtype=np.int64))
+        self.position = int(self.offsets[-1][-1])
+
+    def close(self) -> int:
+        """Finish the files; returns the number of keys."""
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        offsets = np.concatenate(self.offsets)
+        offsets_tmp = self.base.with_name(f".{self.base.name}.offsets.tmp.npy")
+        np.save(offsets_tmp, offsets)
+        os.replace(self.text_tmp, text_path(self.base))
+        os.replace(offsets_tmp, offsets_path(self.base))
+        return len(offsets) - 1
+
+
+def text_path(base: Path) -> Path:
+    return base.with_name(f"{base.name}.txt")
+
+
+def offsets_path(base: Path) -> Path:
+    return base.with_name(f"{base.name}.offsets.npy")
+
+
+class KeyFile(Sequence):
+    """The keys as a read-only sequence: len, indexing, iteration; the offsets are memory-mapped."""
+
+    def __init__(self, base: Path):
+        self.path = text_path(base)
+        self.offsets = np.load(offsets_path(base), mmap_mode="r")
+        size = int(self.offsets[-1])
+        if self.path.stat().st_size != size:
+            raise ValueError(f"{self.path}: {self.path.stat().st_size} bytes, its offsets say {size}")
+        self.text = np.memmap(self.path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
+        return self.text[start : stop - 1].tobytes().decode()
+
+    def __iter__(self) -> Iterator[str]:
+        with open(self.path, "rb") as handle:
+            for line in handle:
+                yield line[:-1].decode()
+
+    def digest(self) -> str:
+        """sha256 of the key file: two galleries hold the same samples in the same order when these agree."""
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
