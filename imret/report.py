@@ -92,10 +92,23 @@ def run_meta(run: str) -> dict[str, Any] | None:
 
 
 def conclusions(results: dict[str, Any]) -> list[str]:
-    names = [n for n in ordered_models(results)]
-    lines = ["Ordering by mean label IoU on the original images: " + " > ".join(
-        f"{n} ({results['results'][n]['original']['mean']:.3f})" for n in names) + "."]  # fmt: skip
-    return lines + [comparison_sentence(row) for row in results["comparisons"]]
+    return [ordering_sentence(results)] + [comparison_sentence(row) for row in results["comparisons"]]
+
+
+def ordering_sentence(results: dict[str, Any]) -> str:
+    """The models by mean label IoU on the original images, '>' between neighbours the paired test tells apart
+    (Holm-adjusted p < 0.05, effect in the same direction) and '≈' between those it cannot."""
+    tests = {(row["a"], row["b"]): row for row in results["comparisons"]}
+    names = results["ordering"]
+    text = f"{names[0]} ({results['results'][names[0]]['original']['mean']:.3f})"
+    for a, b in zip(names, names[1:]):
+        row = tests.get((f"{a}/original", f"{b}/original"))
+        flipped = tests.get((f"{b}/original", f"{a}/original"))
+        effect = row["effect_size"] if row else -flipped["effect_size"]
+        separated = (row or flipped)["p_holm"] < ALPHA and effect > 0
+        text += f" {'>' if separated else '≈'} {b} ({results['results'][b]['original']['mean']:.3f})"
+    return (f"Ordering by mean label IoU on the original images ('≈': the paired test cannot tell the neighbours "
+            f"apart at {ALPHA}): {text}.")
 
 
 def comparison_sentence(row: dict[str, Any]) -> str:

@@ -298,6 +298,11 @@ def score(study: StudyRecipe, embeddings: dict) -> tuple[dict[str, Any], dict[st
         comparisons.append(("original", name, "original", RANDOM))
         if "masked" in results[name]:
             comparisons.append(("masked", name, "original", name))
+    # neighbours in the ordering by mean, so the report orders only what a test can tell apart
+    ordering = sorted(results, key=lambda name: -results[name]["original"]["mean"])
+    for a, b in zip(ordering, ordering[1:]):
+        if ("original", a, "original", b) not in comparisons and ("original", b, "original", a) not in comparisons:
+            comparisons.append(("original", a, "original", b))
     rows = []
     for variant, a, b_variant, b in comparisons:
         test = paired_test(per_query[a, variant], per_query[b, b_variant])
@@ -305,7 +310,7 @@ def score(study: StudyRecipe, embeddings: dict) -> tuple[dict[str, Any], dict[st
     for row, adjusted in zip(rows, holm([r["p_value"] for r in rows])):
         row["p_holm"] = adjusted
     results_json = {"k": s.k, "queries": len(query_keys), "seed": s.seed, "query_keys": query_keys,
-                    "results": results, "comparisons": rows}  # fmt: skip
+                    "results": results, "ordering": ordering, "comparisons": rows}  # fmt: skip
     details = {"gallery_keys": gallery_keys, "query_split_count": len(candidate_keys), "query_keys": query_keys,
                "neighbours": neighbours, "per_query": per_query, "gallery_labels": gallery_labels,
                "query_labels": query_labels}  # fmt: skip

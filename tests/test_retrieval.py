@@ -224,3 +224,20 @@ def test_direction_comes_from_the_test_and_a_disagreeing_mean_is_said():
     assert "The mean difference points the other way" in sentence and "the median" not in sentence
     flipped = comparison_sentence({**row, "a": "original", "b": "masked", **paired_test(b, a), "p_holm": 0.2})
     assert flipped.startswith("original is not significantly lower than masked") and "mean difference points" in flipped
+
+
+def test_the_ordering_says_which_neighbours_a_test_tells_apart():
+    from imret.report import ordering_sentence
+
+    results = {"ordering": ["triplet", "classifier", "random", "rotation"],
+               "results": {n: {"original": {"mean": m}} for n, m in
+                           (("triplet", 0.49), ("classifier", 0.485), ("random", 0.16), ("rotation", 0.155))},
+               "comparisons": [
+                   {"a": "triplet/original", "b": "classifier/original", "effect_size": 0.1, "p_holm": 0.4},
+                   {"a": "classifier/original", "b": "random/original", "effect_size": 0.99, "p_holm": 1e-30},
+                   # the rotation row was tested the other way round (rotation vs random) and is a clear loss
+                   {"a": "rotation/original", "b": "random/original", "effect_size": -0.3, "p_holm": 0.01}]}  # fmt: skip
+    assert ordering_sentence(results).endswith(
+        "triplet (0.490) ≈ classifier (0.485) > random (0.160) > rotation (0.155).")
+    results["comparisons"][2]["p_holm"] = 0.2
+    assert ordering_sentence(results).endswith("> random (0.160) ≈ rotation (0.155).")
