@@ -38,3 +38,15 @@ def test_the_gpu_benchmark_code_runs_at_toy_size_on_the_cpu():
         assert figures["images_per_s"] > 0 and figures["of_ceiling"] > 0
     assert result["decode"]["cpu_core_images_per_s"] > 0 and result["embed_images_per_s"] > 0
     assert 0.5 < result["faiss"]["ivfpq_recall_at_10"] <= 1.0
+
+
+def test_the_serve_benchmark_measures_a_real_server_batched_and_one_at_a_time():
+    from imret.bench_serve import run_serve_bench
+
+    result = run_serve_bench(gallery=300, clients=(1, 3), seconds=0.5, queries=6)
+    assert 290 <= result["gallery"] <= 310
+    for mode in ("batched", "one_at_a_time"):
+        for clients in ("1", "3"):
+            figures = result[mode][clients]
+            assert figures["queries"] > 0 and figures["queries_per_s"] > 0 and figures["p99_ms"] >= figures["p50_ms"] > 0
+    assert set(result["one_at_a_time"]["batch_sizes"]) == {"1"}  # --max-batch 1 never batches
