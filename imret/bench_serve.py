@@ -6,8 +6,8 @@ whose model is a small CNN (64 px) trained for a step, whose shards hold `galler
 embedding job's own part and merge code (a search costs the same whatever the vectors hold; embedding 100k
 images would only make the benchmark slow). Each client is a thread with its own keep-alive connection that
 posts real JPEG scenes (96 px, as `imret data synth` draws them) to /search with k=5, one after another, for
-`seconds`. The baseline is the same server answering one query at a time (`--max-batch 1`), measured in the
-same run.
+`seconds`. The baseline is the same server answering one query at a time (`--max-batch 1`), up at the same
+time and measured in turns with it at each number of clients.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import date
 from pathlib import Path
 from typing import Any, Iterator
@@ -220,12 +220,19 @@ def run_serve_bench(gallery: int = 100_000, clients: tuple[int, ...] = (1, 8, 32
         setup_seconds = time.perf_counter() - start
         bodies = query_bodies(tmp, queries)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        results: dict[str, dict[str, Any]] = {}
-        for name, max_batch in (("batched", 32), ("one_at_a_time", 1)):
-            with running_server([str(index), "--max-batch", str(max_batch)], tmp / f"{name}.log", env) as url:
+        modes = {"batched": 32, "one_at_a_time": 1}
+        results: dict[str, dict[str, Any]] = {mode: {} for mode in modes}
+        with ExitStack() as stack:  # both up at once, measured in turns: the machine's other load hits both alike
+            urls = {mode: stack.enter_context(running_server([str(index), "--max-batch", str(max_batch)],
+                                                             tmp / f"{mode}.log", env))
+                    for mode, max_batch in modes.items()}  # fmt: skip
+            for url in urls.values():
                 measure(url, bodies, 2, min(seconds, 2.0))  # warm-up: first forward passes, page cache
-                results[name] = {str(c): measure(url, bodies, c, seconds) for c in clients}
-                results[name]["batch_sizes"] = request_json(url, "/healthz")["batch_sizes"]
+            for clients_now in clients:
+                for mode, url in urls.items():
+                    results[mode][str(clients_now)] = measure(url, bodies, clients_now, seconds)
+            for mode, url in urls.items():
+                results[mode]["batch_sizes"] = request_json(url, "/healthz")["batch_sizes"]
         count = len(np.load(index / "labels.npy", mmap_mode="r"))
     speedup = {str(c): round(results["batched"][str(c)]["queries_per_s"] / results["one_at_a_time"][str(c)]["queries_per_s"], 2)
                for c in clients}  # fmt: skip

@@ -52,8 +52,8 @@ def read_range(location: str, name: str, offset: int, size: int) -> bytes:
     return data
 
 
-def key_hash(key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+def key_hash(key: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
 
 
 def scan_shard(location: str, name: str) -> Iterator[tuple[str, int, int, int, int, int]]:
@@ -109,7 +109,7 @@ def build_lookup(directory: Path, location: str, manifest: dict[str, Any], manif
             raise DataError(f"{location}: {filled} samples of the {split} split found in its shards, {count} expected "
                             f"(the shards changed since they were embedded?)")  # fmt: skip
         hashed = np.empty(count, HASHED)
-        hashed["hash"] = [key_hash(key.decode("ascii")) for key in rows["key"]]
+        hashed["hash"] = [key_hash(key) for key in rows["key"]]
         hashed["row"] = np.arange(count)
         hashed.sort(order=["hash", "row"])
         rows.flush()
@@ -177,7 +177,7 @@ class Lookup:
         encoded = key.encode("utf-8", "replace")
         if len(encoded) > KEY_BYTES:
             return None
-        wanted = key_hash(key)
+        wanted = key_hash(encoded)
         at = int(np.searchsorted(self.hashed["hash"], wanted))
         while at < len(self.hashed) and int(self.hashed["hash"][at]) == wanted:
             row = int(self.hashed["row"][at])
