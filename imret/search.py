@@ -80,7 +80,6 @@ class Gallery:
                              f"its gallery): leave out --masked, or search the masked index")  # fmt: skip
         if mask_with and not masked:
             raise ImretError(f"{self.dir}: this index holds images masked by {mask_with}: add --masked")
-        self.masked = masked
         meta = json.loads((self.dir / "meta.json").read_text())
         self.classes: list[str] = meta["classes"]
         self.labels = np.load(self.dir / "labels.npy", mmap_mode="r")
@@ -115,12 +114,8 @@ class Gallery:
                              f"weights changed since): embed and index the gallery again")  # fmt: skip
         return net, meta
 
-    @property
-    def load_size(self) -> int:
-        return self.meta["load_size"]
-
     def decode(self, data: bytes) -> torch.Tensor:
-        return decode_query(data, self.load_size)
+        return decode_query(data, self.meta["load_size"])
 
     def embed(self, images: list[torch.Tensor]) -> np.ndarray:
         """Decoded queries -> their embeddings, in one forward pass."""

@@ -352,7 +352,7 @@ def browser():
     except ImportError:
         pytest.skip("playwright is not installed (pip install -e '.[dev]'): the page is not tested in a browser")
     executable = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if not executable:
+    if not executable or not Path(executable).is_file():
         pytest.skip("no Chromium here (apt-get install chromium): the page is not tested in a browser")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
@@ -382,7 +382,7 @@ def grid_after(page, model: str, variant: str) -> list[dict]:
         distance: f.querySelector('.distance').textContent, iou: f.querySelector('.iou').textContent}))""")
 
 
-def test_the_page_shows_the_neighbours_the_api_returns(server, page, study, train_members, tmp_path):
+def test_the_page_shows_the_neighbours_the_api_returns(page, server, study, train_members, tmp_path):
     key = keys_of(index_dir(study, "classifier", "original"))[4]
     image = tmp_path / "query.jpg"
     image.write_bytes(train_members[key]["jpg"])
@@ -405,7 +405,7 @@ def test_the_page_shows_the_neighbours_the_api_returns(server, page, study, trai
         assert shot.size[0] == 1200 and shot.size[1] >= 800
 
 
-def test_an_example_is_searched_with_its_tags_and_a_dropped_image_too(server, page, study, train_members):
+def test_an_example_is_searched_with_its_tags_and_a_dropped_image_too(page, server, study, train_members):
     page.goto(server + "/")
     page.wait_for_selector("#model option", state="attached")
     page.wait_for_selector("#examples button.example img", state="attached")
