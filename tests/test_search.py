@@ -172,7 +172,7 @@ def test_a_gallery_image_comes_back_first_and_neighbours_equal_brute_force(study
     assert code == 0 and text.splitlines()[0] == str(gallery_file) and keys[7] in text.splitlines()[1]
 
 
-def test_search_refuses_mismatches_and_bad_images_in_one_line(study, tmp_path, capsys):
+def test_search_and_serve_refuse_mismatches_and_bad_images_in_one_line(study, tmp_path, capsys):
     original, masked = index_dir(study, "classifier", "original"), index_dir(study, "classifier", "masked")
     image = tmp_path / "q.jpg"
     Image.new("RGB", (40, 30), (200, 10, 10)).save(image)
@@ -181,8 +181,9 @@ def test_search_refuses_mismatches_and_bad_images_in_one_line(study, tmp_path, c
     truncated.write_bytes(image.read_bytes()[:-200])
     other_weights = shutil.copytree(original, tmp_path / "other-weights")
     other_layer = shutil.copytree(original, tmp_path / "other-layer")
+    other_shards = shutil.copytree(original, tmp_path / "other-shards")
     for copy, edit in ((other_weights, {"job": {**sidecar_of(original)["job"], "weights_sha256": "0" * 64}}),
-                       (other_layer, {"layer": "head"})):  # fmt: skip
+                       (other_layer, {"layer": "head"}), (other_shards, {"shards_manifest_hash": "0" * 16})):  # fmt: skip
         (copy / "index.faiss.json").write_text(json.dumps({**sidecar_of(original), **edit}))
     cases = [
         ([str(original), str(image), "--masked"], "this index holds whole images"),
@@ -194,10 +195,14 @@ def test_search_refuses_mismatches_and_bad_images_in_one_line(study, tmp_path, c
         ([str(original), str(image), "--k", "0"], "k=0: choose 1 to 100"),
         ([str(other_weights), str(image)], "is not the one this index was built with"),
         ([str(other_layer), str(image)], "built from the head layer"),
+        ([str(other_shards), str(image)], "changed since they were embedded"),
         ([str(tmp_path), str(image)], "no index with a sidecar"),
     ]  # fmt: skip
-    for args, message in cases:
-        code, out, err = run_cli(capsys, "search", *args)
+    for args, message in [(["search", *args], message) for args, message in cases] + [
+        (["serve", str(tmp_path)], "neither an index directory (index.faiss, imret index build) nor a study's"),
+        (["serve", str(original), str(other_weights)], "are both the original index of"),
+    ]:  # fmt: skip
+        code, out, err = run_cli(capsys, *args)
         assert code == 2 and out == "", args
         assert len(err.strip().splitlines()) == 1 and err.startswith("imret: error: ") and message in err, err
 
