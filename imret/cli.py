@@ -87,6 +87,22 @@ def cmd_index_build(args: argparse.Namespace) -> None:
     print(build_and_save(args.emb_dir, kind=args.kind, device=args.device, float16=args.float16))
 
 
+def cmd_search(args: argparse.Namespace) -> None:
+    from imret.search import format_results, search_files
+
+    results = search_files(args.index_dir, args.images, k=args.k, masked=args.masked, tags=args.tags)
+    print(json.dumps(results, indent=1) if args.json else format_results(results))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        from imret.serve import serve
+    except ImportError as exc:
+        raise ImretError(f"imret serve needs {exc.name}: pip install -e '.[cpu,serve]'") from None
+
+    serve(args.index_dirs, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, max_batch=args.max_batch)
+
+
 def cmd_study(args: argparse.Namespace) -> None:
     from imret.study import load_study, run_study
 
@@ -94,9 +110,13 @@ def cmd_study(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    import shlex
+
     from imret.study import demo
 
-    print(f"report: {demo(args.out, seed=args.seed)}")
+    report = demo(args.out, seed=args.seed)
+    print(f"report: {report}")
+    print(f"search its indexes in a browser: imret serve {shlex.quote(str(report.parent))}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -114,8 +134,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
         from imret.bench_scale import bench_scale
 
         result = bench_scale(tuple(int(n) for n in args.sizes.split(",")))
+    elif args.what == "serve":
+        from imret.bench_serve import run_serve_bench
+
+        result = run_serve_bench(gallery=args.images or 100_000)
     else:
-        result = bench.run(args.what, images=args.images, size=args.size, workers=args.workers)
+        result = bench.run(args.what, images=args.images or 2000, size=args.size, workers=args.workers)
     print(json.dumps(result, indent=1) if args.json else bench.format_result(result))
 
 
@@ -189,6 +213,27 @@ def build_parser() -> argparse.ArgumentParser:
     index_build.add_argument("--float16", action="store_true", help="store vectors in half precision (flat: half the memory)")
     index_build.set_defaults(func=cmd_index_build)
 
+    search = commands.add_parser("search", help="the nearest gallery images of any image (an index directory)")
+    search.add_argument("index_dir", metavar="INDEX_DIR", help="an index directory (imret index build, or a study's "
+                        "OUT/embeddings/<model>/<variant>-train)")  # fmt: skip
+    search.add_argument("images", nargs="+", metavar="IMAGE")
+    search.add_argument("--k", type=int, default=5, help="neighbours per image")
+    search.add_argument("--masked", action="store_true",
+                        help="zero the background with the index's segmentation run (a masked index needs it)")
+    search.add_argument("--tags", metavar="A;B", help="the query's tags: each neighbour's label IoU with them")
+    search.add_argument("--json", action="store_true")
+    search.set_defaults(func=cmd_search)
+
+    serve = commands.add_parser("serve", help="the search page and its HTTP API")
+    serve.add_argument("index_dirs", nargs="+", metavar="INDEX_DIR",
+                       help="index directories, or a study's output directory (every model, original and masked)")
+    serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to answer other machines")
+    serve.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+    serve.add_argument("--max-upload-mb", type=float, default=8.0, help="larger uploads get a 413")
+    serve.add_argument("--max-batch", type=int, default=32,
+                       help="queries embedded in one forward pass at most (1: one at a time, no batching)")
+    serve.set_defaults(func=cmd_serve)
+
     study = commands.add_parser("study", help="run every stage of a study recipe, skipping finished ones")
     study.add_argument("recipe", metavar="RECIPE")
     study.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -200,10 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     bench = commands.add_parser("bench", help="measure throughput against a plain baseline")
-    bench.add_argument("what", choices=["loader", "train", "embed", "faiss", "gpu", "scale"],
-                       help="gpu: every GPU figure in one run, under 5 minutes (its sizes are fixed); "
-                            "scale: merge, index and score at growing gallery sizes, time and peak memory")
-    bench.add_argument("--images", type=int, default=2000, help="dataset size (loader) or gallery size (faiss)")
+    bench.add_argument("what", choices=["loader", "train", "embed", "faiss", "gpu", "scale", "serve"],
+                       help="gpu: every GPU figure in one run, under 5 minutes (its sizes are fixed); scale: merge, "
+                            "index and score at growing gallery sizes, time and peak memory; serve: imret serve "
+                            "under 1, 8 and 32 concurrent clients")  # fmt: skip
+    bench.add_argument("--images", type=int, help="dataset size (loader, default 2000) or gallery size (faiss: 2000, "
+                       "serve: 100000)")  # fmt: skip
     bench.add_argument("--size", type=int, default=96, help="side of the images the loader yields")
     bench.add_argument("--workers", type=int, default=2)
     bench.add_argument("--sizes", default="100000,1000000,10000000", help="scale: gallery sizes, comma-separated")
@@ -214,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it tried: noise on every command
     args = build_parser().parse_args(argv)
     try:
         code = int(args.func(args) or 0)

@@ -96,6 +96,15 @@ class Embedder(nn.Module):
         return self.net.embed(x).float()
 
 
+def embed_images(embedder: Embedder, images: torch.Tensor, masks: torch.Tensor | None = None) -> np.ndarray:
+    """A decoded uint8 batch [B, 3, load, load] on the embedder's device -> float32 embeddings [B, D]: the one
+    path from pixels to vectors, shared by the embedding job and `imret search`/`serve` (which decode their
+    images with the same `decode_image` at the model's load size). bf16 on GPUs that support it."""
+    bf16 = images.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return embedder(images, masks).cpu().numpy()
+
+
 class Masker(nn.Module):
     """The U-Net's apparel mask (probability > 0.5) of what the embedding model sees, at its size."""
 
@@ -186,7 +195,6 @@ def embed(source: str, shards: str | Path, split: str, mask_with: str | None = N
                          timeout=timedelta(seconds=TrainConfig().collective_timeout_s))  # fmt: skip
     decode = resolve_decode(decode, state.device)
     check_decode_device(decode, state.device)
-    bf16 = state.device.type == "cuda" and torch.cuda.is_bf16_supported()
     if workers is None:  # a GPU embeds far faster than one process decodes
         workers = min(8, max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     manifest = load_manifest(shards)
@@ -238,8 +246,7 @@ def embed(source: str, shards: str | Path, split: str, mask_with: str | None = N
                     shard_masks[batch["shard"]] = read_masks(mask_path(mask_cache, shard[0]))
                 batch_masks = torch.from_numpy(shard_masks[batch["shard"]][done : done + count])
             images = images_on_device(batch, meta["load_size"], state.device)
-            with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=bf16):
-                part.vectors.append(embedder(images, batch_masks).cpu().numpy())
+            part.vectors.append(embed_images(embedder, images, batch_masks))
             part.keys += batch["key"]
             part.labels.append(batch["labels"].numpy().astype(np.uint8))
             bar.update(count)

@@ -1,7 +1,8 @@
 """The index of an embedding directory: `EMB_DIR/index.faiss` and its sidecar, which names what it indexes
-(model run, layer, masking, split, shard location and the embedding job), so that `imret search` and
-`imret serve` need nothing else. `imret index build EMB_DIR` writes it; a study writes the exact one it
-scores with, once, and reuses it on a rerun."""
+(model run, layer, masking, split, shard location and the embedding job), and `EMB_DIR/lookup/`, where each
+gallery row's image lies in the shards (imret.data.lookup), so that `imret search` and `imret serve` need
+nothing else. `imret index build EMB_DIR` writes them; a study writes the exact index it scores with, once,
+and reuses it on a rerun."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import numpy as np
 
 from imret.embed import load_embeddings
 from imret.errors import ImretError
+from imret.keyfile import KeyFile
 from imret.retrieval import build_index, load_index, save_index, search
 
 INDEX_FILE = "index.faiss"
+EXAMPLES_SPLIT = "val"  # the images a search page offers to try: never in a train gallery
 RECALL_QUERIES, RECALL_K = 1000, 10
 
 
@@ -47,6 +50,7 @@ def build_and_save(emb_dir: str | Path, kind: str = "flat", device: str = "auto"
         recall = np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact)])
         summary += f"; recall@{k} against exact search: {recall:.3f}"
     save_index(index, emb_dir / INDEX_FILE, index_sidecar(meta, kind, float16))
+    ensure_lookups(emb_dir, meta)
     return summary
 
 
@@ -64,7 +68,28 @@ def exact_gallery_index(emb_dir: Path, embeddings: np.ndarray, meta: dict[str, A
     index = build_index(embeddings, "flat", device)
     if sidecar is None or sidecar.get("job") != meta["job"]:
         save_index(index, emb_dir / INDEX_FILE, index_sidecar(meta, "flat", False))
+        ensure_lookups(emb_dir, meta)
     return index
+
+
+def ensure_lookups(emb_dir: Path, meta: dict[str, Any]) -> None:
+    """The key -> shard lookups of an index directory, built from the shards' tar headers when missing or made
+    for other shards: the gallery's rows, and the val split's samples (the examples `imret serve` offers).
+    `meta`: the embeddings' meta.json or the index's sidecar (both name the split, count and shards)."""
+    from imret.data.lookup import build_lookup, lookup_complete
+    from imret.data.manifest import load_manifest, manifest_hash
+
+    location = meta["locations"]["shards"]
+    manifest = load_manifest(location)
+    current = manifest_hash(manifest)
+    if current != meta["shards_manifest_hash"]:
+        raise ImretError(f"{emb_dir}: the shards in {location} changed since they were embedded (manifest hash "
+                         f"{current}, embedded {meta['shards_manifest_hash']}): embed and index them again")  # fmt: skip
+    if not lookup_complete(emb_dir, meta["split"], current, meta["count"]):
+        build_lookup(emb_dir, location, manifest, current, meta["split"], KeyFile(emb_dir / "keys"))
+    if meta["split"] != EXAMPLES_SPLIT and manifest["splits"][EXAMPLES_SPLIT]["samples"]:
+        if not lookup_complete(emb_dir, EXAMPLES_SPLIT, current, None):
+            build_lookup(emb_dir, location, manifest, current, EXAMPLES_SPLIT)
 
 
 def to_devices(index: Any, device: str) -> Any:

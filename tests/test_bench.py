@@ -49,3 +49,15 @@ def test_the_scale_benchmark_runs_every_stage_in_its_own_process(tmp_path):
     for stage in STAGES:
         assert row[stage]["seconds"] > 0 and row[stage]["peak_rss_mib"] > 50
     assert row["score_mean_iou"] > 0.3  # clustered vectors with labels that follow their cluster: retrieval works
+
+
+def test_the_serve_benchmark_measures_a_real_server_batched_and_one_at_a_time():
+    from imret.bench_serve import run_serve_bench
+
+    result = run_serve_bench(gallery=300, clients=(1, 3), seconds=0.5, queries=6)
+    assert 290 <= result["gallery"] <= 310
+    for mode in ("batched", "one_at_a_time"):
+        for clients in ("1", "3"):
+            figures = result[mode][clients]
+            assert figures["queries"] > 0 and figures["queries_per_s"] > 0 and figures["p99_ms"] >= figures["p50_ms"] > 0
+    assert set(result["one_at_a_time"]["batch_sizes"]) == {"1"}  # --max-batch 1 never batches
