@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from imret.errors import ImretError
+from imret.errors import ImretError, one_line
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:
@@ -208,11 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for chatty in ("botocore", "aiobotocore", "s3fs", "fsspec"):  # "found credentials in ..." on every connection
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
         code = int(args.func(args) or 0)
     except ImretError as exc:
-        print(f"imret: error: {exc}", file=sys.stderr)
+        print(f"imret: error: {one_line(exc)}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("imret: interrupted", file=sys.stderr)
