@@ -225,8 +225,8 @@ def decode_rates(shards: Path, scale: Scale, device: torch.device) -> dict[str, 
 def decoded_raw(files):
     from imret.data.shards import read_shard
 
-    for path, samples, nbytes in files:
-        yield from read_shard(path, samples, nbytes)
+    for shard in files:
+        yield from read_shard(shard)
 
 
 def embed_rate(run: str, shards: Path, device: torch.device, workers: int) -> float:

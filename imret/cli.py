@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from imret.errors import ImretError
+from imret.errors import ImretError, one_line
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     build = shards.add_parser("build", help="turn a dataset into shards + manifest.json")
     build.add_argument("src", metavar="SRC")
     build.add_argument("--format", required=True, choices=["folder", "imaterialist", "ccp"])
-    build.add_argument("--out", required=True, metavar="DIR")
+    build.add_argument("--out", required=True, metavar="LOCATION", help="a directory, or a URL: s3://bucket/prefix, gs://...")
     build.add_argument("--val-fraction", type=float, default=0.1, help="chooses each model's epoch and threshold")
     build.add_argument("--test-fraction", type=float, default=0.0,
                        help="a held-out test split, for the study's queries (default 0: none)")
@@ -173,10 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--require-masks", action="store_true", help="reject samples that have no mask")
     build.set_defaults(func=cmd_shards_build)
     verify = shards.add_parser("verify", help="re-hash every shard against the manifest")
-    verify.add_argument("dir", metavar="DIR")
+    verify.add_argument("dir", metavar="LOCATION", help="a shard directory or URL")
     verify.set_defaults(func=cmd_shards_verify)
     info = shards.add_parser("info", help="summarise a shard build")
-    info.add_argument("dir", metavar="DIR")
+    info.add_argument("dir", metavar="LOCATION", help="a shard directory or URL")
     info.set_defaults(func=cmd_shards_info)
 
     recipe = commands.add_parser("recipe", help="recipes").add_subparsers(dest="action", required=True)
@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     embed = commands.add_parser("embed", help="embed a split with a trained model (also under accelerate launch)")
     embed.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or imagenet-resnet18")
-    embed.add_argument("--shards", required=True, metavar="DIR")
+    embed.add_argument("--shards", required=True, metavar="LOCATION", help="a shard directory or URL")
     embed.add_argument("--split", required=True, choices=["train", "val", "test"])
     embed.add_argument("--mask-with", metavar="SEG_RUN_DIR", help="zero the background with this U-Net's masks")
     embed.add_argument("--out", metavar="DIR", help="default: RUN_DIR/embeddings/<split>[-masked-<seg run>]")
@@ -262,11 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it tried: noise on every command
+    for chatty in ("botocore", "aiobotocore", "s3fs", "fsspec"):  # "found credentials in ..." on every connection
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
         code = int(args.func(args) or 0)
     except ImretError as exc:
-        print(f"imret: error: {exc}", file=sys.stderr)
+        print(f"imret: error: {one_line(exc)}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("imret: interrupted", file=sys.stderr)

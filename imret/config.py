@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from imret.data.storage import is_remote
 from imret.errors import RecipeError
 
 
@@ -34,7 +35,7 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = "shards/synth"
+    shards: str = "shards/synth"  # a local directory or a URL: s3://bucket/prefix, gs://..., https://...
     image_size: int = field(default=224, metadata=bounds(16, 4096))  # what the network sees
     load_size: int | None = field(default=None, metadata=bounds(16, 4096))  # CPU-side size; None = image_size
     batch_size_per_device: int = field(default=128, metadata=bounds(1))
@@ -338,6 +339,9 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = (), root: ty
 def check_consistency(recipe: Recipe) -> None:
     """Settings that are each valid but contradict one another."""
     data, task = recipe.data, recipe.task
+    if is_remote(recipe.run.dir):
+        raise RecipeError(f"run.dir {recipe.run.dir}: run directories and checkpoints stay on a local or shared disk; "
+                          f"only data.shards may be a URL")  # fmt: skip
     if recipe.load_size < data.image_size:
         raise RecipeError(f"data.load_size ({data.load_size}) is smaller than data.image_size ({data.image_size})")
     if recipe.augment.crop == "random" and recipe.load_size == data.image_size:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
+from accelerate.utils import broadcast_object_list, parse_flag_from_env
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -34,9 +34,11 @@ from imret.data.augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, denor
 from imret.data.device_decode import check_decode_device, images_on_device, resolve_decode
 from imret.data.manifest import load_manifest, manifest_hash, sha256_file, write_json_atomic
 from imret.data.shards import ShardBatches, shard_files
+from imret.data.storage import is_remote, require_local
 from imret.errors import ImretError
 from imret.keyfile import KeyFile, KeyWriter
 from imret.models import RetrievalNet, initialise_trunk, make_backbone
+from imret.parts import collect_parts
 from imret.system import usable_cores
 
 log = logging.getLogger("imret.embed")
@@ -187,8 +189,10 @@ def embedding_complete(out: Path, fingerprint: dict) -> bool:
 
 def embed(source: str, shards: str | Path, split: str, mask_with: str | None = None, out: str | Path | None = None,
           batch_size: int = 128, workers: int | None = None, decode: str = "auto", layer: str | None = None) -> Path:  # fmt: skip
-    """decode: where JPEGs are decoded, as `data.decode` in a recipe (auto: on the GPU when there is one).
-    layer: pooled|head instead of the layer the model declares (a study's control rows)."""
+    """shards: a local directory or a URL; out: a local or shared directory. decode: where JPEGs are decoded,
+    as `data.decode` in a recipe (auto: on the GPU when there is one). layer: pooled|head instead of the layer
+    the model declares (a study's control rows)."""
+    require_local(out, "--out")
     # PartialState, not an Accelerator: a study may already hold one with another mixed-precision setting. The
     # other ranks wait while rank 0 merges: under the recipes' collective timeout, not torch's 10 minutes
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"),
@@ -208,18 +212,17 @@ def embed(source: str, shards: str | Path, split: str, mask_with: str | None = N
         raise ImretError(f"--mask-with {mask_with}: a {seg_meta['task']} model, not a segmentation one")
     fingerprint = job_fingerprint(source, meta, mask_with, seg_meta, manifest, split)
     out = Path(out) if out else default_out(source, split, mask_with, layer if "declared" in meta["embedding"] else None)
-    if embedding_complete(out, fingerprint):
+    if broadcast_object_list([embedding_complete(out, fingerprint)])[0]:  # rank 0's disk holds the merged output
         if state.is_main_process:
             log.info("%s is complete for this model and these shards: nothing to do", out)
         return out
 
     parts = out / "parts"
     if state.is_main_process:
-        job_path = out / "job.json"
-        if job_path.is_file() and json.loads(job_path.read_text()) != fingerprint:
-            shutil.rmtree(out)  # parts of another model or other shards must not be merged in
-        parts.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(job_path, fingerprint)
+        start_job(out, fingerprint)
+    state.wait_for_everyone()
+    if state.is_local_main_process and not state.is_main_process:
+        start_job(out, fingerprint)  # a machine that does not share rank 0's disk: its own parts directory
     state.wait_for_everyone()
 
     embedder = Embedder(net, meta).to(state.device)
@@ -256,10 +259,22 @@ def embed(source: str, shards: str | Path, split: str, mask_with: str | None = N
             shard_masks.pop(batch["shard"], None)
     bar.close()
     state.wait_for_everyone()
+    collect_parts([parts / f"{f[0].stem}.npz" for f in files], state)
     if state.is_main_process:
         merge_parts(out, [parts / f"{f[0].stem}.npz" for f in files], meta, fingerprint, manifest, split, str(shards))
     state.wait_for_everyone()
     return out
+
+
+def start_job(out: Path, fingerprint: dict) -> None:
+    """out/parts for this job; parts of another model or other shards must not be merged in."""
+    job_path = out / "job.json"
+    current = job_path.is_file() and json.loads(job_path.read_text()) == fingerprint
+    if job_path.is_file() and not current:
+        shutil.rmtree(out)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    if not current:
+        write_json_atomic(job_path, fingerprint)
 
 
 class NpyWriter:
@@ -341,8 +356,8 @@ def merge_parts(out: Path, part_paths: list[Path], meta: dict, fingerprint: dict
 
 
 def absolute(location: str | None) -> str | None:
-    """A local path made absolute; the ImageNet baseline's name and None stay as they are."""
-    if location is None or location == IMAGENET_BASELINE:
+    """A local path made absolute; a URL, the ImageNet baseline's name and None stay as they are."""
+    if location is None or location == IMAGENET_BASELINE or is_remote(location):
         return location
     return str(Path(location).resolve())
 

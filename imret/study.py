@@ -22,7 +22,8 @@ from typing import Any, Iterable, Literal
 import numpy as np
 
 from imret.config import TrainConfig, bounds, load_recipe
-from imret.data.manifest import load_manifest, write_json_atomic
+from imret.data import storage
+from imret.data.manifest import MANIFEST, load_manifest, write_json_atomic
 from imret.errors import ImretError
 
 log = logging.getLogger("imret.study")
@@ -162,7 +163,7 @@ def ensure_shards(study: StudyRecipe) -> None:
     from imret.data.build import build_shards
 
     d = study.data
-    if (Path(d.shards) / "manifest.json").is_file():
+    if storage.exists(storage.join(d.shards, MANIFEST)):
         return
     if not d.source:
         raise ImretError(f"{d.shards} has no finished shard build and data.source is not set")

@@ -450,6 +450,7 @@ def save_checkpoint(accelerator: Accelerator, model, optimizer, scheduler, progr
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    stage.mkdir(parents=True, exist_ok=True)  # a machine that does not share the run directory makes its own
     checkpoint.write_rank_rng(stage, accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -459,6 +460,8 @@ def save_checkpoint(accelerator: Accelerator, model, optimizer, scheduler, progr
                  "recipe": json.dumps(recipe_to_dict(recipe)), "world": accelerator.num_processes}  # fmt: skip
         checkpoint.finish_checkpoint(directory, stage, state, progress.global_step, recipe.checkpoint.keep)
     accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:  # still there only on a machine rank 0 does not share it with
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def check_resumable(state: dict[str, Any], path: Path, world: int, recipe: Recipe, has_rng: bool) -> None:
@@ -486,8 +489,19 @@ def check_resumable(state: dict[str, Any], path: Path, world: int, recipe: Recip
                             f"resume with the checkpoint's settings, or delete it to resume from an earlier checkpoint")  # fmt: skip
 
 
+def check_same_checkpoint(accelerator: Accelerator, latest: Path | None, run_dir: Path) -> None:
+    """Every rank resumes from the same step, or none does: without a shared disk, the ranks on other machines
+    than rank 0's find no checkpoint (or an old one of their own) and would train from elsewhere."""
+    seen = gather_object([latest.name if latest else "none"])
+    if len(set(seen)) > 1:
+        ranks = ", ".join(f"rank {rank}: {name}" for rank, name in enumerate(seen))
+        raise TrainingError(f"the ranks see different checkpoints in {run_dir / 'checkpoints'} ({ranks}): resuming needs "
+                            f"the run directory on a filesystem every machine shares")  # fmt: skip
+
+
 def resume(accelerator: Accelerator, model, optimizer, scheduler, run_dir: Path, recipe: Recipe) -> Progress:
     latest = checkpoint.latest_checkpoint(run_dir / "checkpoints")
+    check_same_checkpoint(accelerator, latest, run_dir)
     if latest is None:
         return Progress()
     state, rng = checkpoint.load_checkpoint(latest, accelerator.process_index)

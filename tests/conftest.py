@@ -1,11 +1,13 @@
-"""Shared fixtures: tiny datasets drawn in the test session, never downloaded."""
+"""Shared fixtures: tiny datasets drawn in the test session, never downloaded, and a local S3 service."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+import seaweed
 from imret.data.build import build_shards
 from imret.data.synth import write_synth
 
@@ -48,3 +50,24 @@ def shards_without_masks(synth_dir, tmp_path_factory) -> Path:
     out = data.parent / "shards"
     build_shards(data, "folder", out, workers=0, samples_per_shard=40)
     return out
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A SeaweedFS S3 service for the session, its bucket, and the standard AWS_* variables pointing at it (seen by
+    this process and every process it starts): yields the bucket's URL, s3://imret-test."""
+    weed = seaweed.start()
+    try:
+        seaweed.make_bucket(weed, "imret-test")
+        with pytest.MonkeyPatch.context() as env:
+            for name in [k for k in os.environ if k.startswith("AWS_")]:
+                env.delenv(name)
+            for name, value in weed.env.items():
+                env.setenv(name, value)
+            missing = tmp_path_factory.mktemp("aws") / "none"  # nothing from ~/.aws or an instance's metadata
+            env.setenv("AWS_CONFIG_FILE", str(missing))
+            env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(missing))
+            env.setenv("AWS_EC2_METADATA_DISABLED", "true")
+            yield "s3://imret-test"
+    finally:
+        seaweed.stop(weed)

@@ -24,8 +24,8 @@ for epoch in range(2):
     loader.set_epoch(epoch)
     keys = [key for batch in loader for key in batch["key"]]
     seen = [key for rank_keys in gather_object([keys]) for key in rank_keys]
-    full = [sum(sum(n for _, n, _ in shards) // BATCH for shards in workers) for workers in loader.stream.assignment(epoch)]
-    remainder = sum(sum(n for _, n, _ in shards) % BATCH for workers in loader.stream.assignment(epoch) for shards in workers)
+    full = [sum(sum(s.samples for s in shards) // BATCH for shards in workers) for workers in loader.stream.assignment(epoch)]
+    remainder = sum(sum(s.samples for s in shards) % BATCH for workers in loader.stream.assignment(epoch) for shards in workers)
     remainder += sum(batches - min(full) for batches in full) * BATCH
     report["train"][epoch] = {"steps": len(loader), "keys": keys, "seen_once": len(seen) == len(set(seen)),
                               "all_from_train": set(seen) <= set(everything),

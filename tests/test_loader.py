@@ -165,7 +165,7 @@ def test_shard_batches_never_span_shards_and_end_each_shard_once(tmp_path, synth
         seen[batch["shard"]] += batch["key"]
         ends[batch["shard"]] += batch["last"]
     assert ends == Counter({index: 1 for index in range(len(files))})
-    expected = {index: [raw["__key__"] for raw in read_shard(*shard)] for index, shard in enumerate(files)}
+    expected = {index: [raw["__key__"] for raw in read_shard(shard)] for index, shard in enumerate(files)}
     assert dict(seen) == {**expected, 1: []}  # the corrupt shard ends with no keys, the others with all, in order
 
 
@@ -199,6 +199,16 @@ def test_a_truncated_shard_fails_with_its_name(tmp_path, synth_shards):
     sync_manifest(shards, "train-000001.tar")  # same bytes as the manifest: the tar itself must tell
     with pytest.raises(DataError, match="train-000001.tar: truncated or corrupt after"):
         keys_of(make_loader(shards, "train", batch_size=1, size=32, training=False))
+
+
+def test_an_altered_shard_is_caught_as_it_streams(tmp_path, synth_shards):
+    shards = copy_build(synth_shards, tmp_path / "s")
+    shard = shards / "val-000001.tar"
+    payload = bytearray(shard.read_bytes())
+    payload[len(payload) // 3] ^= 0x01  # inside a sample: the tar still parses, only the checksum knows
+    shard.write_bytes(bytes(payload))
+    with pytest.raises(DataError, match=r"^shard .*val-000001.tar: sha256 differs from the manifest$"):
+        keys_of(make_loader(shards, "val", batch_size=1, size=32, training=False, max_bad_fraction=0.5))
 
 
 def test_a_shard_cut_at_a_member_boundary_is_caught_by_its_count(tmp_path, synth_shards):

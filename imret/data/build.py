@@ -2,8 +2,9 @@
 
 Every image is decoded here, once, so training never meets a file it cannot read: what fails is listed in
 the manifest's `rejected` with its reason and the rest of the build goes on. Shards are written to a
-temporary name and renamed when complete; `manifest.json` is written last, so a directory without one is
-never taken for a finished build.
+temporary name and published when complete (renamed into a local directory, uploaded to a URL from a local
+temporary directory); `manifest.json` is written last, so a location without one is never taken for a
+finished build.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from imret.data import storage
 from imret.data.manifest import (
-    FORMAT_VERSION, MANIFEST, SPLITS, load_manifest, sha256_file, write_json_atomic,
+    FORMAT_VERSION, MANIFEST, SPLITS, CheckedStream, load_manifest, sha256_file, shard_files,
 )  # fmt: skip
 from imret.data.sources import Record, read_source
 from imret.errors import DataError
@@ -170,20 +172,20 @@ def encode_record(record: Record, class_index: dict[str, int], max_side: int | N
 
 
 class ShardWriter:
-    """Writes `<split>-NNNNNN.tar` files of at most `samples_per_shard` samples, each under a temporary name
-    until it is complete, with fixed tar metadata so the same input gives the same bytes."""
+    """Writes `<split>-NNNNNN.tar` files of at most `samples_per_shard` samples, each under a temporary name in
+    `stage` until it is complete, then publishes it at `out` (a rename, or an upload to a remote location); fixed
+    tar metadata, so the same input gives the same bytes."""
 
-    def __init__(self, out: Path, split: str, samples_per_shard: int):
-        self.out, self.split, self.limit = out, split, samples_per_shard
+    def __init__(self, out: str, stage: Path, split: str, samples_per_shard: int):
+        self.out, self.stage, self.split, self.limit = out, stage, split, samples_per_shard
         self.shards: list[dict[str, Any]] = []
         self.tar: tarfile.TarFile | None = None
         self.count = 0
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
         if self.tar is None:
-            name = f"{self.split}-{len(self.shards):06d}.tar"
-            self.tmp = self.out / f".{name}.tmp"
-            self.final = self.out / name
+            self.name = f"{self.split}-{len(self.shards):06d}.tar"
+            self.tmp = self.stage / f".{self.name}.tmp"
             self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
         for suffix, payload in members.items():
             info = tarfile.TarInfo(f"{key}.{suffix}")
@@ -199,9 +201,9 @@ class ShardWriter:
         self.tar.close()
         with open(self.tmp, "rb+") as handle:
             os.fsync(handle.fileno())
-        os.replace(self.tmp, self.final)
-        self.shards.append({"file": self.final.name, "samples": self.count,
-                            "bytes": self.final.stat().st_size, "sha256": sha256_file(self.final)})  # fmt: skip
+        record = {"file": self.name, "samples": self.count, "bytes": self.tmp.stat().st_size, "sha256": sha256_file(self.tmp)}
+        storage.put_file(self.tmp, storage.join(self.out, self.name))
+        self.shards.append(record)
         self.tar, self.count = None, 0
 
 
@@ -213,45 +215,28 @@ def _members(sample: Encoded) -> dict[str, bytes]:
     return members
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if (out / MANIFEST).exists():
+def _prepare_out(out: str, overwrite: bool) -> None:
+    manifest = storage.join(out, MANIFEST)
+    if storage.exists(manifest):
         if not overwrite:
             raise DataError(f"{out} holds a finished build: pass --overwrite to replace it")
-        (out / MANIFEST).unlink()  # first, so a build killed from here on is never read as complete
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.iterdir():  # our own leftovers from an earlier or killed build, nothing else
-        if re.fullmatch(r"\.?(train|val|test)-\d{6}\.tar(\.tmp)?|\.manifest\.json\.tmp", stale.name):
-            stale.unlink()
+        storage.remove(manifest)  # first, so a build killed from here on is never read as complete
+    for stale in storage.listdir(out):  # our own leftovers from an earlier or killed build, nothing else
+        if re.fullmatch(r"\.?(train|val|test)-\d{6}\.tar(\.tmp)?|\.manifest\.json\.tmp", stale):
+            storage.remove(storage.join(out, stale))
 
 
-def build_shards(src: str | Path, fmt: str, out: str | Path, *, val_fraction: float = 0.1, seed: int = 0,
-                 samples_per_shard: int = 1000, max_side: int | None = None, workers: int | None = None,
-                 overwrite: bool = False, strict: bool = False, require_masks: bool = False,
-                 test_fraction: float = 0.0) -> dict[str, Any]:  # fmt: skip
-    if not (0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0 and val_fraction + test_fraction < 1.0):
-        raise DataError(f"--val-fraction and --test-fraction must each be in [0, 1) and leave images to train on, "
-                        f"got {val_fraction} and {test_fraction}")  # fmt: skip
-    if samples_per_shard < 1 or (max_side is not None and max_side < 16):
-        raise DataError("--samples-per-shard must be >= 1 and --max-side >= 16")
-    out = Path(out)
-    source = read_source(src, fmt)
-    _prepare_out(out, overwrite)
-
-    candidates = {r.id: r for r in source.records if not r.problem}
-    splits = dict(zip(SPLITS, split_ids(candidates, val_fraction, seed, test_fraction)))
-    ordered = [(split, candidates[i]) for split, ids in splits.items() for i in ids]
-    rejected = [Rejected(r.id, r.source, r.problem) for r in source.records if r.problem]
-
-    encode = partial(encode_record, class_index={name: i for i, name in enumerate(source.classes)}, max_side=max_side)
-    writers = {split: ShardWriter(out, split, samples_per_shard) for split in SPLITS}
+def _write_samples(ordered: list[tuple[str, Record]], encode: Callable[[Record], Encoded | Rejected],
+                   writers: dict[str, ShardWriter], workers: int, require_masks: bool, rejected: list[Rejected],
+                   name: str) -> int:  # fmt: skip
+    """Encode the records (in `workers` processes) and write the accepted ones; returns how many have a mask."""
     keys: set[str] = set()
     with_masks = 0
-    workers = usable_cores() if workers is None else workers
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     try:
         results = pool.imap(encode, [r for _, r in ordered], chunksize=8) if pool else map(encode, (r for _, r in ordered))
-        for (split, _), result in tqdm(zip(ordered, results), total=len(ordered), desc=f"build {out.name}",
-                                            unit="img", mininterval=1.0):  # fmt: skip
+        for (split, _), result in tqdm(zip(ordered, results), total=len(ordered), desc=f"build {name}", unit="img",
+                                       mininterval=1.0):  # fmt: skip
             if isinstance(result, Encoded) and require_masks and result.mask_png is None:
                 result = Rejected(result.id, result.source, "no mask (--require-masks)")
             if isinstance(result, Rejected):
@@ -266,13 +251,41 @@ def build_shards(src: str | Path, fmt: str, out: str | Path, *, val_fraction: fl
             writers[split].add(key, _members(result))
         for writer in writers.values():
             writer.close()
-    except OSError as exc:
-        raise DataError(f"writing shards in {out}: {exc.strerror or exc}") from None
     finally:
         if pool:
             pool.terminate()
-        for stale in out.glob(".*.tmp"):
-            stale.unlink()
+    return with_masks
+
+
+def build_shards(src: str | Path, fmt: str, out: str | Path, *, val_fraction: float = 0.1, seed: int = 0,
+                 samples_per_shard: int = 1000, max_side: int | None = None, workers: int | None = None,
+                 overwrite: bool = False, strict: bool = False, require_masks: bool = False,
+                 test_fraction: float = 0.0) -> dict[str, Any]:  # fmt: skip
+    if not (0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0 and val_fraction + test_fraction < 1.0):
+        raise DataError(f"--val-fraction and --test-fraction must each be in [0, 1) and leave images to train on, "
+                        f"got {val_fraction} and {test_fraction}")  # fmt: skip
+    if samples_per_shard < 1 or (max_side is not None and max_side < 16):
+        raise DataError("--samples-per-shard must be >= 1 and --max-side >= 16")
+    out = str(out)
+    source = read_source(src, fmt)
+    _prepare_out(out, overwrite)
+
+    candidates = {r.id: r for r in source.records if not r.problem}
+    splits = dict(zip(SPLITS, split_ids(candidates, val_fraction, seed, test_fraction)))
+    ordered = [(split, candidates[i]) for split, ids in splits.items() for i in ids]
+    rejected = [Rejected(r.id, r.source, r.problem) for r in source.records if r.problem]
+
+    encode = partial(encode_record, class_index={name: i for i, name in enumerate(source.classes)}, max_side=max_side)
+    workers = usable_cores() if workers is None else workers
+    with storage.staging_dir(out) as stage:
+        writers = {split: ShardWriter(out, stage, split, samples_per_shard) for split in SPLITS}
+        try:
+            with_masks = _write_samples(ordered, encode, writers, workers, require_masks, rejected, storage.Location(out).name)
+        except OSError as exc:
+            raise DataError(f"writing shards in {stage}: {exc.strerror or exc}") from None
+        finally:
+            for stale in stage.glob(".*.tmp"):
+                stale.unlink()
 
     if strict and rejected:
         listed = "; ".join(f"{r.source}: {r.reason}" for r in rejected[:5])
@@ -291,27 +304,26 @@ def build_shards(src: str | Path, fmt: str, out: str | Path, *, val_fraction: fl
                    "test_fraction": test_fraction, "seed": seed,
                    "samples_per_shard": samples_per_shard, "max_side": max_side},  # fmt: skip
     }
-    write_json_atomic(out / MANIFEST, manifest)
+    storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=1, ensure_ascii=False))  # last
     return manifest
 
 
 # ---------------------------------------------------------------- verify and info
 
 
-def verify_shards(shard_dir: str | Path) -> list[str]:
+def verify_shards(location: str | Path) -> list[str]:
     """Re-hash every shard against the manifest; returns the problems (empty when all is well)."""
-    shard_dir = Path(shard_dir)
-    manifest = load_manifest(shard_dir)
+    manifest = load_manifest(location)
     problems = []
-    shards = [s for split in SPLITS for s in manifest["splits"][split]["shards"]]
+    shards = [shard for split in SPLITS for shard in shard_files(location, manifest, split)]
     for shard in tqdm(shards, desc="verify", unit="shard", mininterval=1.0):
-        path = shard_dir / shard["file"]
-        if not path.is_file():
-            problems.append(f"{shard['file']}: missing")
-        elif path.stat().st_size != shard["bytes"]:
-            problems.append(f"{shard['file']}: {path.stat().st_size} bytes, manifest says {shard['bytes']}")
-        elif sha256_file(path) != shard["sha256"]:
-            problems.append(f"{shard['file']}: sha256 differs from the manifest")
+        try:
+            with CheckedStream(shard) as stream:
+                stream.finish()
+        except storage.NotFound:
+            problems.append(f"{shard.location.name}: missing")
+        except DataError as exc:
+            problems.append(f"{shard.location.name}: {str(exc).removeprefix(f'shard {shard.location}: ')}")
     return problems
 
 

@@ -23,11 +23,11 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from imret.data.manifest import load_manifest
+from imret.data.manifest import CheckedStream, Shard, load_manifest, shard_files
 from imret.errors import DataError
 
 log = logging.getLogger("imret.data")
@@ -91,24 +91,24 @@ def decode_sample(sample: dict[str, Any], size: int, num_classes: int, with_mask
     return out
 
 
-def read_shard(path: Path, expected_samples: int, expected_bytes: int) -> Iterator[dict[str, Any]]:
-    """Raw samples of one shard; a truncated or altered shard is an error naming it, never a silent short read."""
-    try:
-        actual = path.stat().st_size
-    except OSError as exc:
-        raise DataError(f"shard {path}: {exc.strerror}") from None
-    if actual != expected_bytes:
-        raise DataError(f"shard {path}: {actual} bytes, the manifest says {expected_bytes} (truncated or replaced?)")
+def read_shard(shard: Shard) -> Iterator[dict[str, Any]]:
+    """Raw samples of one shard, checked against the manifest as they stream (size at open, sha256 and count at
+    the end); a truncated or altered shard is an error naming it, never a silent short read."""
     count = 0
     try:
-        for sample in wds.tarfile_samples([{"url": str(path)}], select_files=_wanted):
-            count += 1
-            yield sample
+        with CheckedStream(shard) as stream:
+            members = tar_file_expander([{"url": shard.location, "stream": stream}], select_files=_wanted)
+            for sample in group_by_keys(members):
+                count += 1
+                yield sample
+            stream.finish()
+    except DataError as exc:  # webdataset appends the stream and the URL to an error raised while it reads
+        raise DataError(str(exc.args[0]).split(" @ ")[0]) from None
     except (tarfile.TarError, OSError, ValueError) as exc:
-        reason = str(exc.args[0] if exc.args else exc).split(" @ ")[0]  # webdataset appends the stream's repr
-        raise DataError(f"shard {path}: truncated or corrupt after {count} samples ({reason})") from None
-    if count != expected_samples:
-        raise DataError(f"shard {path}: {count} samples, the manifest says {expected_samples}")
+        reason = str(exc.args[0] if exc.args else exc).split(" @ ")[0]
+        raise DataError(f"shard {shard.location}: truncated or corrupt after {count} samples ({reason})") from None
+    if count != shard.samples:
+        raise DataError(f"shard {shard.location}: {count} samples, the manifest says {shard.samples}")
 
 
 def shuffled(samples: Iterator[Any], buffer: int, rng: random.Random) -> Iterator[Any]:
@@ -125,11 +125,6 @@ def shuffled(samples: Iterator[Any], buffer: int, rng: random.Random) -> Iterato
     yield from pool
 
 
-def shard_files(shard_dir: str | Path, manifest: dict[str, Any], split: str) -> list[tuple[Path, int, int]]:
-    """(path, samples, bytes) of each shard of a split, in manifest order."""
-    return [(Path(shard_dir) / s["file"], int(s["samples"]), int(s["bytes"])) for s in manifest["splits"][split]["shards"]]
-
-
 def _seed(*parts: int) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
@@ -137,11 +132,11 @@ def _seed(*parts: int) -> int:
 class ShardStream(IterableDataset):
     """Decoded samples of one split for one rank; each DataLoader worker reads its own shards."""
 
-    def __init__(self, shard_dir: str | Path, split: str, *, size: int, rank: int, world: int, workers: int,
+    def __init__(self, location: str | Path, split: str, *, size: int, rank: int, world: int, workers: int,
                  training: bool, seed: int = 0, shuffle_buffer: int = 0, with_masks: bool = False,
                  max_bad_fraction: float = 0.0, keep_jpeg: bool = False):  # fmt: skip
-        self.manifest = load_manifest(shard_dir)
-        self.shards = shard_files(shard_dir, self.manifest, split)
+        self.manifest = load_manifest(location)
+        self.shards = shard_files(location, self.manifest, split)
         self.split, self.size, self.rank, self.world = split, size, rank, world
         self.workers, self.training, self.seed = max(1, workers), training, seed
         self.shuffle_buffer, self.with_masks, self.max_bad_fraction = shuffle_buffer, with_masks, max_bad_fraction
@@ -158,7 +153,7 @@ class ShardStream(IterableDataset):
     def epoch(self, value: int) -> None:
         self._epoch.fill_(value)
 
-    def assignment(self, epoch: int) -> list[list[list[tuple[Path, int, int]]]]:
+    def assignment(self, epoch: int) -> list[list[list[Shard]]]:
         """[rank][worker] -> shards: a seeded permutation per epoch when training, manifest order otherwise."""
         order = list(self.shards)
         if self.training:
@@ -173,32 +168,32 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         shards = self.assignment(self.epoch)[self.rank][worker]
-        allowed = self.allowed_bad(sum(n for _, n, _ in shards))
+        allowed = self.allowed_bad(sum(shard.samples for shard in shards))
         samples = self._decoded(shards, allowed)
         if self.training and self.shuffle_buffer > 1:
             samples = shuffled(samples, self.shuffle_buffer, random.Random(_seed(self.seed, self.epoch, self.rank, worker)))
         return samples
 
-    def _decoded(self, shards: list[tuple[Path, int, int]], allowed: int) -> Iterator[dict[str, Any]]:
+    def _decoded(self, shards: list[Shard], allowed: int) -> Iterator[dict[str, Any]]:
         return decoded_samples(shards, self.size, self.num_classes, self.with_masks, allowed, self.max_bad_fraction,
                                self.keep_jpeg)  # fmt: skip
 
 
-def decoded_samples(shards: list[tuple[Path, int, int]], size: int, num_classes: int, with_masks: bool,
+def decoded_samples(shards: list[Shard], size: int, num_classes: int, with_masks: bool,
                     allowed_bad: int, max_bad_fraction: float, keep_jpeg: bool = False) -> Iterator[dict[str, Any]]:  # fmt: skip
-    """Decoded samples of (path, samples, bytes) shards in order; corrupt ones skipped and counted."""
+    """Decoded samples of the shards in order; corrupt ones skipped and counted."""
     bad = 0
-    for path, samples, nbytes in shards:
-        for raw in read_shard(path, samples, nbytes):
+    for shard in shards:
+        for raw in read_shard(shard):
             try:
                 yield decode_sample(raw, size, num_classes, with_masks, keep_jpeg)
             except (BadSample, OSError, ValueError, KeyError, TypeError, UnidentifiedImageError) as exc:
                 bad += 1
-                log.warning("skipping corrupt sample %s in %s: %s", raw.get("__key__"), path.name, exc)
+                log.warning("skipping corrupt sample %s in %s: %s", raw.get("__key__"), shard.location.name, exc)
                 if bad > allowed_bad:
                     raise DataError(
                         f"{bad} corrupt samples in this worker's shards, more than data.max_bad_fraction "
-                        f"({max_bad_fraction}) allows; last: {raw.get('__key__')} in {path}: {exc}"
+                        f"({max_bad_fraction}) allows; last: {raw.get('__key__')} in {shard.location}: {exc}"
                     ) from None
 
 
@@ -207,7 +202,7 @@ class ShardBatches(IterableDataset):
     batch of a shard says so (`last`), so the embedding job can write a shard's part the moment it is done.
     Use it with `DataLoader(batch_size=None)`; worker w decodes shards w, w + workers, ..."""
 
-    def __init__(self, shards: list[tuple[Path, int, int]], size: int, num_classes: int, batch_size: int,
+    def __init__(self, shards: list[Shard], size: int, num_classes: int, batch_size: int,
                  keep_jpeg: bool = False):  # fmt: skip
         self.shards, self.size, self.num_classes, self.batch_size = shards, size, num_classes, batch_size
         self.keep_jpeg = keep_jpeg
@@ -216,7 +211,7 @@ class ShardBatches(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for index in range(worker, len(self.shards), workers):
-            samples = decoded_samples([self.shards[index]], self.size, self.num_classes, False, self.shards[index][1],
+            samples = decoded_samples([self.shards[index]], self.size, self.num_classes, False, self.shards[index].samples,
                                       1.0, self.keep_jpeg)  # fmt: skip
             batch = list(islice(samples, self.batch_size))
             while True:
@@ -243,12 +238,11 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def fetch_images(shard_dir: str | Path, split: str, keys: set[str], size: int) -> dict[str, np.ndarray]:
+def fetch_images(location: str | Path, split: str, keys: set[str], size: int) -> dict[str, np.ndarray]:
     """Decoded images [size, size, 3] of the given keys, for figures: a scan of the split's shards."""
-    manifest = load_manifest(shard_dir)
     found: dict[str, np.ndarray] = {}
-    for path, samples, nbytes in shard_files(shard_dir, manifest, split):
-        for raw in read_shard(path, samples, nbytes):
+    for shard in shard_files(location, load_manifest(location), split):
+        for raw in read_shard(shard):
             if raw["__key__"] in keys:
                 ext = next(e for e in IMAGE_EXTS if e in raw)
                 found[raw["__key__"]] = decode_image(raw[ext], size).permute(1, 2, 0).numpy()
@@ -296,24 +290,25 @@ class ShardLoader:
         per_rank = []
         for workers in self.stream.assignment(epoch):
             if self.stream.training:
-                counts = [sum(n for _, n, _ in shards) for shards in workers]
+                counts = [sum(shard.samples for shard in shards) for shards in workers]
                 per_rank.append(sum((n - self.stream.allowed_bad(n)) // self.batch_size for n in counts))
             else:
-                per_rank.append(sum(math.ceil(sum(n for _, n, _ in shards) / self.batch_size) for shards in workers))
+                per_rank.append(sum(math.ceil(sum(shard.samples for shard in shards) / self.batch_size) for shards in workers))
         return min(per_rank) if self.stream.training else per_rank[self.stream.rank]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return islice(iter(self.loader), len(self))
 
 
-def make_loader(shard_dir: str | Path, split: str, *, batch_size: int, size: int, training: bool, rank: int = 0,
+def make_loader(location: str | Path, split: str, *, batch_size: int, size: int, training: bool, rank: int = 0,
                 world: int = 1, workers: int = 0, seed: int = 0, shuffle_buffer: int = 0,
                 with_masks: bool = False, max_bad_fraction: float = 0.0, pin_memory: bool = False,
                 decode: str = "cpu") -> ShardLoader:  # fmt: skip
-    """decode: "cpu" decodes images in the workers; "gpu" hands JPEGs over as bytes (imret.data.device_decode)."""
-    stream = ShardStream(shard_dir, split, size=size, rank=rank, world=world, workers=workers, training=training,
+    """location: a local shard directory or a URL (imret.data.storage). decode: "cpu" decodes images in the
+    workers; "gpu" hands JPEGs over as bytes (imret.data.device_decode)."""
+    stream = ShardStream(location, split, size=size, rank=rank, world=world, workers=workers, training=training,
                          seed=seed, shuffle_buffer=shuffle_buffer, with_masks=with_masks,
                          max_bad_fraction=max_bad_fraction, keep_jpeg=decode == "gpu")  # fmt: skip
     if with_masks and not stream.manifest["has_masks"]:
-        raise DataError(f"{shard_dir}: masks were asked for, and these shards have none")
+        raise DataError(f"{location}: masks were asked for, and these shards have none")
     return ShardLoader(stream, batch_size, workers, pin_memory)
