@@ -171,11 +171,12 @@ def ensure_shards(study: StudyRecipe) -> None:
         raise ImretError(
             f"{d.shards} has no finished shard build: build it in one process first, then launch the study: "
             f"imret shards build {d.source} --format {d.format} --out {d.shards} --val-fraction {d.val_fraction} "
-            f"--seed {d.split_seed} --samples-per-shard {d.samples_per_shard}" + (f" --max-side {d.max_side}" if d.max_side else "")
+            f"--test-fraction {d.test_fraction} --seed {d.split_seed} --samples-per-shard {d.samples_per_shard}"
+            + (f" --max-side {d.max_side}" if d.max_side else "")
         )  # fmt: skip
     log.info("stage shards: building %s from %s", d.shards, d.source)
-    build_shards(d.source, d.format, d.shards, val_fraction=d.val_fraction, seed=d.split_seed,
-                 samples_per_shard=d.samples_per_shard, max_side=d.max_side)  # fmt: skip
+    build_shards(d.source, d.format, d.shards, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
+                 seed=d.split_seed, samples_per_shard=d.samples_per_shard, max_side=d.max_side)  # fmt: skip
 
 
 def imagenet_unavailable() -> str | None:

@@ -194,7 +194,7 @@ def test_a_study_with_no_model_left_or_unbuilt_shards_under_launch_says_what_to_
     study.write_text(f"data:\n  shards: {tmp_path / 'new'}\n  source: {tmp_path / 'src'}\n  max_side: 64\n"
                      "compare:\n  models:\n    imagenet: imagenet-resnet18\n")  # fmt: skip
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ImretError, match=f"imret shards build {tmp_path / 'src'} --format folder .* --max-side 64"):
+    with pytest.raises(ImretError, match=f"imret shards build {tmp_path / 'src'} --format folder .*--test-fraction 0.0 .* --max-side 64"):
         run_study(load_study(study))
 
 
