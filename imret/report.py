@@ -141,23 +141,24 @@ def query_sentence(results: dict[str, Any]) -> str:
             f"shards with `--test-fraction` (`data.test_fraction` in a study) for held-out queries.")
 
 
-def retrieval_examples(trained: list[str], results: dict[str, Any], details: dict[str, Any], figures: Path) -> list[str]:
-    """Grids for the best and the worst model, original and masked side by side."""
-    from imret.data.shards import fetch_images
+def retrieval_examples(trained: list[str], results: dict[str, Any], details: dict[str, Any], out: Path) -> list[str]:
+    """Grids for the best and the worst model, original and masked side by side; their images are read through
+    key -> shard lookups kept under OUT/lookup."""
+    from imret.data.lookup import fetch_images
 
     best, worst = trained[0], trained[-1]
     shown = [(name, variant) for name in dict.fromkeys([best, worst]) for variant in ("original", "masked")
              if (name, variant) in details["neighbours"]]  # fmt: skip
     wanted = set(details["query_keys"][:4]) | {details["gallery_keys"][i] for key in shown
                                                for i in details["neighbours"][key][:4].ravel()}  # fmt: skip
-    images = {**fetch_images(results["shards"], results["query_split"], wanted, 96),
-              **fetch_images(results["shards"], "train", wanted, 96)}  # fmt: skip
+    images = {**fetch_images(out, results["shards"], results["query_split"], wanted, 96),
+              **fetch_images(out, results["shards"], "train", wanted, 96)}  # fmt: skip
     lines = ["## Retrieval examples", "", "Each row: a query and its nearest gallery images with their label IoU.", ""]
     for name in dict.fromkeys([best, worst]):
         cells = []
         for variant in ("original", "masked"):
             if (name, variant) in details["neighbours"]:
-                path = figures / f"grid-{slug(name)}-{variant}.png"
+                path = out / "figures" / f"grid-{slug(name)}-{variant}.png"
                 retrieval_grid(name, variant, details, images, path)
                 cells.append(f"![{name} {variant}](figures/{path.name})")
         lines += [f"{'Best' if name == best else 'Worst'} model, {name} (original, then masked):", "", " ".join(cells), ""]
@@ -211,7 +212,7 @@ def write_report(out: Path, results: dict[str, Any], details: dict[str, Any]) ->
 
     trained = [n for n in ordered_models(results) if n in models]
     if trained:
-        lines += retrieval_examples(trained, results, details, figures)
+        lines += retrieval_examples(trained, results, details, out)
 
     lines += ["## Models", "", "| model | task | embedding layer | initialisation | validation |", "|---|---|---|---|---|"]
     for name, info in models.items():

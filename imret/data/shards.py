@@ -238,19 +238,6 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def fetch_images(location: str | Path, split: str, keys: set[str], size: int) -> dict[str, np.ndarray]:
-    """Decoded images [size, size, 3] of the given keys, for figures: a scan of the split's shards."""
-    found: dict[str, np.ndarray] = {}
-    for shard in shard_files(location, load_manifest(location), split):
-        for raw in read_shard(shard):
-            if raw["__key__"] in keys:
-                ext = next(e for e in IMAGE_EXTS if e in raw)
-                found[raw["__key__"]] = decode_image(raw[ext], size).permute(1, 2, 0).numpy()
-        if len(found) == len(keys):
-            break
-    return found
-
-
 class ShardLoader:
     """A DataLoader over a ShardStream that knows its number of batches before the epoch starts.
 

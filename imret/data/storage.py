@@ -118,6 +118,29 @@ class Reader:
         self._drop()
 
 
+def read_range(location: str | Path, offset: int, size: int) -> bytes:
+    """`size` bytes at `offset` of one file (a thumbnail's bytes in a shard): one ranged request when remote."""
+    if not is_remote(location):
+
+        def read() -> bytes:
+            with open(location, "rb") as handle:
+                handle.seek(offset)
+                return handle.read(size)
+
+        return _local(location, read)
+    fs = _filesystem_for(location)
+    return _retrying(location, lambda: fs.cat_file(str(location), start=offset, end=offset + size))
+
+
+def open_seekable(location: str | Path) -> BinaryIO:
+    """A file to seek in (a tar's headers, skipping its members' data): a local file, or fsspec's buffered
+    remote file, which fetches only the blocks read."""
+    if not is_remote(location):
+        return _local(location, lambda: open(location, "rb"))
+    fs = _filesystem_for(location)
+    return _retrying(location, lambda: fs.open(str(location), "rb", block_size=1 << 16))
+
+
 def read_text(location: str | Path) -> str:
     if not is_remote(location):
         return _local(location, lambda: Path(location).read_text(encoding="utf-8"))
