@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from imret.errors import ImretError, one_line
@@ -273,20 +274,30 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("imret: interrupted", file=sys.stderr)
         return 130
-    release_process_group()
+    if release_process_group() and argv is None:
+        # Even with the group destroyed, a finished 2-rank run has died at interpreter exit (SIGABRT, "terminate
+        # called without an active exception") twice in many suite runs under load: a C++ thread torn down with
+        # the interpreter. Everything is written and closed by now, so a distributed command run as a process
+        # (not main([...]) called from Python) skips that teardown.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     return code
 
 
-def release_process_group() -> None:
-    """Left to the interpreter's exit, gloo's worker threads can outlive it and abort a run that succeeded
-    (SIGABRT, "terminate called without an active exception"). Not done after an interrupt, which may leave
-    a collective in flight."""
+def release_process_group() -> bool:
+    """Destroy the process group, if this command had one; says whether it did. Left to the interpreter's exit,
+    gloo's worker threads can outlive it and abort a run that succeeded. Not done after an interrupt, which may
+    leave a collective in flight."""
     if "torch" not in sys.modules:  # keeps `imret --help` and the data commands free of torch
-        return
+        return False
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        return True
+    return False
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The index of an embedding directory: `EMB_DIR/index.faiss` and its sidecar, which names what it indexes
 (model run, layer, masking, split, shard location and the embedding job), and `EMB_DIR/lookup/`, where each
 gallery row's image lies in the shards (imret.data.lookup), so that `imret search` and `imret serve` need
-nothing else. `imret index build EMB_DIR` writes them; a study writes the exact index it scores with, once,
-and reuses it on a rerun."""
+nothing else. `imret index build EMB_DIR` writes both; a study writes the exact index it scores with, once,
+and reuses it on a rerun; `imret search` and `imret serve` build a missing lookup when they first open an
+index (one pass over the split's tar headers)."""
 
 from __future__ import annotations
 
@@ -68,7 +69,6 @@ def exact_gallery_index(emb_dir: Path, embeddings: np.ndarray, meta: dict[str, A
     index = build_index(embeddings, "flat", device)
     if sidecar is None or sidecar.get("job") != meta["job"]:
         save_index(index, emb_dir / INDEX_FILE, index_sidecar(meta, "flat", False))
-        ensure_lookups(emb_dir, meta)
     return index
 
 

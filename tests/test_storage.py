@@ -398,5 +398,5 @@ def test_two_machines_without_a_shared_disk_train_and_embed_from_s3(remote_build
     assert len(list((elsewhere / "emb" / "parts").glob("*.npz"))) == 4  # rank 1's shards: 1, 3, 5, 7, sent to rank 0
     vectors, labels, keys, _ = load_embeddings(merged / "emb")
     single = load_embeddings(embed(str(local_two_ranks[0]), synth_shards, "train", out=tmp_path / "single", workers=0))
-    assert keys == single[2] and len(keys) == 90
+    assert list(keys) == list(single[2]) and len(keys) == 90
     assert np.array_equal(labels, single[1]) and np.allclose(vectors, single[0], atol=1e-6)
