@@ -29,6 +29,17 @@ def make_optimizer(params, optim: OptimConfig, lr: float) -> torch.optim.Optimiz
                            weight_decay=optim.weight_decay, fused=True)  # fmt: skip
 
 
+def zero_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Momentum buffers of zeros for fused SGD, made once the parameters are on their device. Fused SGD makes them
+    uninitialised on its first step and fills them in the kernel, which a skipped step (found_inf) leaves early:
+    the next steps would build on garbage. From zeros, a first step's buffer is the gradient (momentum x 0 +
+    gradient, no dampening), just what SGD's first step sets."""
+    for group in optimizer.param_groups:
+        if group.get("fused") and group.get("momentum", 0) > 0:
+            for param in group["params"]:
+                optimizer.state[param].setdefault("momentum_buffer", torch.zeros_like(param))
+
+
 class Schedule:
     """The learning rate at every optimiser step (`step`, after each one) and after each validation
     (`validated`). The first round(warmup_epochs x steps of the first epoch) optimiser steps rise linearly to the

@@ -163,7 +163,7 @@ def save_index(index: Any, path: str | Path, sidecar: dict[str, Any]) -> None:
     renamed; then its sidecar JSON, last: an index without a sidecar is never loaded."""
     faiss = _faiss()
     path = Path(path)
-    if hasattr(faiss, "index_gpu_to_cpu"):
+    if on_gpus(index):
         index = faiss.index_gpu_to_cpu(index)
     sidecar_path = path.with_name(f"{path.name}.json")
     sidecar_path.unlink(missing_ok=True)
@@ -179,6 +179,13 @@ def save_index(index: Any, path: str | Path, sidecar: dict[str, Any]) -> None:
     meta = {**sidecar, "dim": int(index.d), "count": int(index.ntotal), "bytes": tmp.stat().st_size}
     os.replace(tmp, path)
     write_json_atomic(sidecar_path, meta)
+
+
+def on_gpus(index: Any) -> bool:
+    """Whether FAISS holds the index on GPUs: one GPU index, or the shards `index_cpu_to_all_gpus` spreads over
+    several (imret builds no CPU shards). Asked before moving an index to the CPU, which copies even a CPU index."""
+    faiss = _faiss()
+    return type(index).__name__.startswith("Gpu") or isinstance(index, (faiss.IndexShards, faiss.IndexReplicas))
 
 
 def load_index(path: str | Path, expect: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:

@@ -127,10 +127,12 @@ class Gallery:
         distances, rows = search(self.index, vectors, k)
         found = []
         for query, row, dist in zip(query_labels, rows, distances):
+            kept = row >= 0  # IVF-PQ pads with -1 when the lists it probes hold fewer than k vectors
+            row, dist = row[kept], dist[kept]
             labels = self.labels[row]
-            ious = label_iou(query[None, :], labels).tolist() if query is not None else [None] * k
+            ious = label_iou(query[None, :], labels).tolist() if query is not None else [None] * len(row)
             found.append([Neighbour(rank + 1, self.lookup.key(int(row[rank])), self.tag_names(labels[rank]),
-                                    float(dist[rank]), ious[rank]) for rank in range(k)])  # fmt: skip
+                                    float(dist[rank]), ious[rank]) for rank in range(len(row))])  # fmt: skip
         return found
 
     def tag_names(self, multi_hot: np.ndarray) -> list[str]:

@@ -131,8 +131,9 @@ class Batcher:
                     break
             self.batch_sizes[len(batch)] += 1
             by_gallery: dict[int, list[Query]] = defaultdict(list)
-            for query in batch:
-                by_gallery[id(query.gallery)].append(query)
+            for query in batch:  # a query whose client went away is cancelled: answering it would raise here
+                if query.future.set_running_or_notify_cancel():
+                    by_gallery[id(query.gallery)].append(query)
             for queries in by_gallery.values():
                 self._answer(queries)
 

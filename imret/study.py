@@ -232,7 +232,7 @@ def select_queries(keys: Iterable[str], count: int, seed: int) -> list[str]:
     in one pass that holds `count` keys, whatever the split's size."""
     from imret.tasks.base import key_rank
 
-    return sorted(key for _, key in heapq.nsmallest(count, ((key_rank(key, seed), key) for key in keys)))
+    return sorted(key for _, key in heapq.nsmallest(count, ((key_rank(key, seed, "queries"), key) for key in keys)))
 
 
 def rows_of(keys: Iterable[str], wanted: list[str]) -> list[int]:

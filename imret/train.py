@@ -40,7 +40,7 @@ from imret.data.prefetch import DevicePrefetcher
 from imret.data.shards import ShardLoader, make_loader
 from imret.errors import ImretError
 from imret.monitor import Monitor, wandb_mode
-from imret.optim import Schedule, effective_lr, make_optimizer
+from imret.optim import Schedule, effective_lr, make_optimizer, zero_momentum
 from imret.step import NonfiniteGuard, RunningStats, TrainingError
 from imret.tasks import Task, make_task
 
@@ -79,7 +79,10 @@ def train(recipe: Recipe, debug: bool = False) -> Path:
 
     manifest = load_manifest(recipe.data.shards)
     check_against_shards(recipe, manifest["has_masks"], recipe.data.shards)
-    task = make_task(recipe, manifest["classes"], manifest["splits"]["val"]["samples"])
+    val_samples = manifest["splits"]["val"]["samples"]
+    if debug:  # a task that samples validation samples from what a debug run validates, not the whole split
+        val_samples = min(val_samples, DEBUG_VAL_BATCHES * recipe.data.batch_size_per_device)
+    task = make_task(recipe, manifest["classes"], val_samples)
     with_masks = task.needs_masks or recipe.data.zero_background
     train_loader, val_loader = make_loaders(recipe, accelerator, with_masks)
 
@@ -90,6 +93,7 @@ def train(recipe: Recipe, debug: bool = False) -> Path:
     optimizer = make_optimizer(model.parameters(), recipe.optim, effective_lr(recipe.optim, global_batch))
     scheduler = Schedule(optimizer, recipe.optim, optimizer_steps(train_loader, recipe, debug))
     model, optimizer = accelerator.prepare(model, optimizer)
+    zero_momentum(optimizer.optimizer)
     if recipe.train.compile:  # after prepare: DDP inside the compiled wrapper, so `bare` gets the model's own keys
         model = torch.compile(model)
     train_augment = DeviceAugment(recipe.augment, recipe.data.image_size, recipe.load_size, True,

@@ -118,3 +118,18 @@ def test_random_crop_and_flip_copy_pixels_exactly():
         assert torch.equal(m[i, 0], masks[i, 0][source_rows, source_cols].float())
         flips.add(flipped)
     assert flips == {False, True}
+
+
+def test_a_flip_without_a_crop_frames_the_image_as_evaluation_does():
+    """crop: none with hflip trains on the centre window evaluation uses, mirrored or not; never the whole
+    load-size image squeezed to the training size."""
+    images = torch.randint(0, 256, (16, 3, 40, 40), dtype=torch.uint8)
+    torch.manual_seed(0)
+    trained, _ = DeviceAugment(AugmentConfig(crop="none", hflip=True), 32, 40, training=True)(images)
+    evaluated, _ = DeviceAugment(AugmentConfig(crop="none", hflip=True), 32, 40, training=False)(images)
+    flips = set()
+    for i in range(16):
+        flipped = not torch.allclose(trained[i], evaluated[i], atol=1e-5)
+        assert torch.allclose(trained[i], evaluated[i].flip(-1) if flipped else evaluated[i], atol=1e-5)
+        flips.add(flipped)
+    assert flips == {False, True}

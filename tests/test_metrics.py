@@ -82,7 +82,7 @@ def test_the_threshold_is_chosen_on_one_half_and_scored_on_the_other(tmp_path):
             for a, b in ((0, 97), (97, 98), (98, 300))]  # fmt: skip
     metrics = task.val_metrics({k: np.concatenate([r[k] for r in rows]) for k in rows[0]}, 0)
 
-    scored = np.array([key_rank(key, 0) >= 0.5 for key in keys])
+    scored = np.array([key_rank(key, 0, "threshold half") >= 0.5 for key in keys])
     threshold, _ = best_threshold(labels[~scored], prob[~scored])
     predicted = prob[scored] >= threshold
     assert metrics["threshold"] == threshold and metrics["threshold_images"] == (~scored).sum()

@@ -11,6 +11,7 @@ from imret.retrieval import (build_index, ideal_gains, load_index, random_baseli
                              ranking_scores, retrieval_iou, save_index, search)  # fmt: skip
 from imret.stats import holm, paired_test, summary
 from imret.study import select_queries
+from imret.tasks.base import key_rank
 
 
 def data(seed=0, n=300, q=40, dim=16, classes=8):
@@ -95,6 +96,9 @@ def test_queries_are_seeded_and_independent_of_key_order():
     assert chosen == select_queries(list(reversed(keys)), 20, seed=0) and len(set(chosen)) == 20
     assert chosen != select_queries(keys, 20, seed=1)
     assert sorted(select_queries(keys, 500, seed=0)) == sorted(keys)
+    # drawn apart from the triplet validation sample and the threshold half, which select the models
+    for purpose in ("triplet validation", "threshold half"):
+        assert chosen != sorted(sorted(keys, key=lambda key: key_rank(key, 0, purpose))[:20])
 
 
 def test_index_round_trip_and_refusals(tmp_path):

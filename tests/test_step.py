@@ -86,22 +86,21 @@ def test_running_stats_are_means_of_the_finite_values():
     assert stats.read() == {}  # a read starts the next interval
 
 
+class Prepared:  # what accelerate's AcceleratedOptimizer exposes to the guard
+    def __init__(self, inner):
+        self.optimizer = inner
+
+    def step(self):
+        self.optimizer.step()
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
 def adam_pair():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
-
-    class Prepared:  # what accelerate's AcceleratedOptimizer exposes to the guard
-        def __init__(self, inner):
-            self.optimizer = inner
-
-        def step(self):
-            self.optimizer.step()
-
-        def zero_grad(self, set_to_none=True):
-            self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    return model, Prepared(optimizer)
+    return model, Prepared(torch.optim.Adam(model.parameters(), lr=0.1, fused=True))
 
 
 def test_a_non_finite_window_is_skipped_on_the_device_and_a_finite_one_steps():
@@ -123,6 +122,30 @@ def test_a_non_finite_window_is_skipped_on_the_device_and_a_finite_one_steps():
         loss = net(torch.ones(3, 4)).sum()
         loss.backward()
         step()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(reference.parameters(), model.parameters()))
+
+
+def test_a_skipped_first_sgd_step_leaves_momentum_that_the_next_step_can_use():
+    """Fused SGD would keep the uninitialised buffers of a first step skipped on the device."""
+    from imret.config import OptimConfig
+    from imret.optim import make_optimizer, zero_momentum
+
+    model, _ = adam_pair()
+    reference = torch.nn.Linear(4, 2)
+    reference.load_state_dict(model.state_dict())
+    optimizer = make_optimizer(model.parameters(), OptimConfig(name="sgd", momentum=0.9, nesterov=True), 0.1)
+    zero_momentum(optimizer)
+    plain = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    guard = NonfiniteGuard(torch.device("cpu"), world=1, device_skip=True, max_in_row=3)
+    for scale in (float("nan"), 1.0, 1.0):
+        loss = model(torch.ones(3, 4)).sum() * scale
+        guard.observe(loss, ["k"])
+        loss.backward()
+        guard.step(Prepared(optimizer))
+    for _ in range(2):
+        reference(torch.ones(3, 4)).sum().backward()
+        plain.step()
+        plain.zero_grad()
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(reference.parameters(), model.parameters()))
 
 

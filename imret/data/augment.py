@@ -64,7 +64,8 @@ class DeviceAugment(nn.Module):
 
         random: an image_size window at a uniform integer offset, so the grid lands on pixel centres and the
         crop copies pixels exactly. random_resized: area fraction uniform in [crop_scale_min, 1], aspect ratio
-        log-uniform in 3/4..4/3, each side capped at the full image (torchvision retries such draws instead)."""
+        log-uniform in 3/4..4/3, each side capped at the full image (torchvision retries such draws instead).
+        none: the centre window, as in evaluation."""
         if self.crop == "random":
             side = torch.full((count, 2), self.size / self.load_size, device=device)
             span = self.load_size - self.size + 1
@@ -74,8 +75,9 @@ class DeviceAugment(nn.Module):
             ratio = torch.empty(count, device=device).uniform_(*map(math.log, ASPECT_RATIOS)).exp()
             side = torch.stack([(area * ratio).sqrt(), (area / ratio).sqrt()], 1).clamp(max=1.0)
             start = torch.rand(count, 2, device=device) * (1 - side)
-        else:
-            side, start = torch.ones(count, 2, device=device), torch.zeros(count, 2, device=device)
+        else:  # a flip alone: the centre crop evaluation takes, so training and evaluation frame alike
+            side = torch.full((count, 2), self.size / self.load_size, device=device)
+            start = torch.full((count, 2), float((self.load_size - self.size) // 2) / self.load_size, device=device)
         centre = 2 * start + side - 1
         sign = torch.ones(count, device=device)
         if self.hflip:

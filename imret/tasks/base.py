@@ -58,10 +58,11 @@ class Task:
         return None
 
 
-def key_rank(key: str, seed: int) -> float:
-    """A uniform number in [0, 1) drawn from a sample's key and a seed: a split or a sample of the validation set
-    that is the same on any number of ranks, at any batch size, in any order."""
-    return int.from_bytes(hashlib.sha256(f"{seed}\0{key}".encode()).digest()[:8], "little") / 2**64
+def key_rank(key: str, seed: int, purpose: str) -> float:
+    """A uniform number in [0, 1) drawn from a sample's key, a seed and what it is drawn for: a split or a sample
+    of the validation set that is the same on any number of ranks, at any batch size, in any order. Each purpose
+    draws independently, so the images that chose a model's epoch or threshold are not also its queries."""
+    return int.from_bytes(hashlib.sha256(f"{purpose}\0{seed}\0{key}".encode()).digest()[:8], "little") / 2**64
 
 
 def cpu(tensor: torch.Tensor) -> np.ndarray:

@@ -53,7 +53,7 @@ class TripletTask(Task):
 
     def val_outputs(self, model, images, masks, labels, keys):
         fraction = min(1.0, VAL_SAMPLE / max(1, self.val_samples))
-        ranks = np.array([key_rank(key, self.recipe.run.seed) for key in keys])
+        ranks = np.array([key_rank(key, self.recipe.run.seed, "triplet validation") for key in keys])
         chosen = np.flatnonzero(ranks < fraction)
         embeddings = model(images).float()
         return {"embedding": cpu(embeddings[torch.from_numpy(chosen).to(embeddings.device)]),
