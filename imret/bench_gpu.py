@@ -32,8 +32,6 @@ import torch
 
 from imret.system import usable_cores
 
-TRAIN_FLOPS_PER_IMAGE = 10.65e9  # ResNet18, 224 px, forward + backward: the reference figure
-
 
 @dataclass
 class Scale:

@@ -56,11 +56,14 @@ def merge(work: Path, split: str) -> None:
     parts = sorted((work / "parts" / split).glob("*.npz"))
     out = work / split
     out.mkdir(exist_ok=True)
-    count = sum(len(np.load(p)["keys"]) for p in parts)
+    count = 0
+    for path in parts:
+        with np.load(path) as part:
+            count += len(part["keys"])
     manifest = {"classes": [f"class{i}" for i in range(CLASSES)], "splits": {split: {"samples": count}}}
     meta = {"task": "synthetic", "embedding": {"layer": "pooled", "dim": DIM}, "initialisation": "synthetic"}
     job = {"model": "synthetic", "weights_sha256": "-", "layer": "pooled", "mask_with": None,
-           "mask_weights_sha256": None, "shards_manifest_hash": "synthetic", "split": split}  # fmt: skip
+           "mask_weights_sha256": None, "shards_manifest_hash": "synthetic", "split": split, "decode": "cpu"}  # fmt: skip
     merge_parts(out, parts, meta, job, manifest, split, str(work))
 
 

@@ -134,8 +134,13 @@ def measure(url: str, bodies: list[tuple[bytes, str]], clients: int, seconds: fl
     stop_at = [0.0]
 
     def client(i: int) -> None:
-        conn = connect(url)
-        start.wait()
+        try:
+            conn = connect(url)
+            start.wait()
+        except (OSError, threading.BrokenBarrierError) as exc:
+            failures.append(f"connecting: {exc}")
+            start.abort()  # nobody waits for a client that will not come
+            return
         n = i
         while time.perf_counter() < stop_at[0]:
             body, content_type = bodies[n % len(bodies)]
@@ -153,7 +158,10 @@ def measure(url: str, bodies: list[tuple[bytes, str]], clients: int, seconds: fl
         thread.start()
     stop_at[0] = time.perf_counter() + seconds
     began = time.perf_counter()
-    start.wait()
+    try:
+        start.wait()
+    except threading.BrokenBarrierError:
+        pass  # a client could not connect: said below
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - began
@@ -198,8 +206,8 @@ def bench_index(tmp: Path, gallery: int) -> Path:
     labels = (rng.random((len(keys), len(classes))) < 0.3).astype(np.uint8)
     vectors = rng.normal(size=(len(keys), dim)).astype(np.float32)
     write_part(out / "parts" / "all.npz", Part(keys, [labels], [vectors]), dim, len(classes))
-    merge_parts(out, [out / "parts" / "all.npz"], meta, job_fingerprint(str(run), meta, None, None, manifest, "train"),
-                manifest, "train", str(shards))  # fmt: skip
+    job = job_fingerprint(str(run), meta, None, None, manifest, "train", "cpu")
+    merge_parts(out, [out / "parts" / "all.npz"], meta, job, manifest, "train", str(shards))
     build_and_save(out, device="cpu")
     return out
 

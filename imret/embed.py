@@ -101,7 +101,7 @@ class Embedder(nn.Module):
 def embed_images(embedder: Embedder, images: torch.Tensor, masks: torch.Tensor | None = None) -> np.ndarray:
     """A decoded uint8 batch [B, 3, load, load] on the embedder's device -> float32 embeddings [B, D]: the one
     path from pixels to vectors, shared by the embedding job and `imret search`/`serve` (which decode their
-    images with the same `decode_image` at the model's load size). bf16 on GPUs that support it."""
+    images as the job did: the same decode path, at the model's load size). bf16 on GPUs that support it."""
     bf16 = images.device.type == "cuda" and torch.cuda.is_bf16_supported()
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
         return embedder(images, masks).cpu().numpy()
@@ -165,11 +165,14 @@ def cache_masks(masker: Masker, shards: list[tuple[Path, int, int]], cache: Path
             write_masks(mask_path(cache, missing[batch["shard"]][0]), np.concatenate(masks) if masks else np.zeros((0, 1, 1), np.uint8))
 
 
-def job_fingerprint(source: str, meta: dict, seg_source: str | None, seg_meta: dict | None, manifest: dict, split: str) -> dict:
+def job_fingerprint(source: str, meta: dict, seg_source: str | None, seg_meta: dict | None, manifest: dict, split: str,
+                    decode: str) -> dict:  # fmt: skip
+    """What the job's output depends on; parts or a merge made for another fingerprint are never reused (the two
+    decode paths give slightly different pixels, so they are not mixed in one gallery either)."""
     return {"model": str(source), "weights_sha256": meta["weights_sha256"], "layer": meta["embedding"]["layer"],
             "mask_with": str(seg_source) if seg_source else None,
             "mask_weights_sha256": seg_meta["weights_sha256"] if seg_meta else None,
-            "shards_manifest_hash": manifest_hash(manifest), "split": split}  # fmt: skip
+            "shards_manifest_hash": manifest_hash(manifest), "split": split, "decode": decode}  # fmt: skip
 
 
 def default_out(source: str, split: str, mask_with: str | None, layer: str | None = None) -> Path:
@@ -210,7 +213,7 @@ def embed(source: str, shards: str | Path, split: str, mask_with: str | None = N
     seg, seg_meta = load_model(mask_with) if mask_with else (None, None)
     if seg_meta is not None and seg_meta["task"] != "segmentation":
         raise ImretError(f"--mask-with {mask_with}: a {seg_meta['task']} model, not a segmentation one")
-    fingerprint = job_fingerprint(source, meta, mask_with, seg_meta, manifest, split)
+    fingerprint = job_fingerprint(source, meta, mask_with, seg_meta, manifest, split, decode)
     out = Path(out) if out else default_out(source, split, mask_with, layer if "declared" in meta["embedding"] else None)
     if broadcast_object_list([embedding_complete(out, fingerprint)])[0]:  # rank 0's disk holds the merged output
         if state.is_main_process:
@@ -228,7 +231,7 @@ def embed(source: str, shards: str | Path, split: str, mask_with: str | None = N
     embedder = Embedder(net, meta).to(state.device)
     masker = Masker(seg, seg_meta, meta).to(state.device) if seg is not None else None
     mask_cache = (Path(mask_with) / "masks" / f"{split}-{meta['load_size']}-{meta['image_size']}-"
-                  f"{seg_meta['weights_sha256'][:12]}-{manifest_hash(manifest)}") if seg is not None else None  # fmt: skip
+                  f"{seg_meta['weights_sha256'][:12]}-{manifest_hash(manifest)}-{decode}") if seg is not None else None  # fmt: skip
     files = shard_files(shards, manifest, split)
     mine = files[state.process_index :: state.num_processes]
     classes = len(manifest["classes"])
@@ -247,7 +250,11 @@ def embed(source: str, shards: str | Path, split: str, mask_with: str | None = N
             if masker:
                 if batch["shard"] not in shard_masks:
                     shard_masks[batch["shard"]] = read_masks(mask_path(mask_cache, shard[0]))
-                batch_masks = torch.from_numpy(shard_masks[batch["shard"]][done : done + count])
+                cached = shard_masks[batch["shard"]]
+                if done + count > len(cached):
+                    raise ImretError(f"{mask_path(mask_cache, shard[0])}: {len(cached)} cached masks, the shard yields "
+                                     f"more images; delete that file to compute them again")  # fmt: skip
+                batch_masks = torch.from_numpy(cached[done : done + count])
             images = images_on_device(batch, meta["load_size"], state.device)
             part.vectors.append(embed_images(embedder, images, batch_masks))
             part.keys += batch["key"]
@@ -312,10 +319,14 @@ class Part:
 
 
 def write_part(path: Path, part: Part, dim: int, classes: int) -> None:
+    """One shard's part, on disk before its name says it is there: an existing part counts as done."""
     tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, keys=np.array(part.keys, dtype=object).astype(str),
-             labels=np.concatenate(part.labels) if part.labels else np.zeros((0, classes), np.uint8),
-             embeddings=np.concatenate(part.vectors) if part.vectors else np.zeros((0, dim), np.float32))  # fmt: skip
+    with open(tmp, "wb") as handle:
+        np.savez(handle, keys=np.array(part.keys, dtype=object).astype(str),
+                 labels=np.concatenate(part.labels) if part.labels else np.zeros((0, classes), np.uint8),
+                 embeddings=np.concatenate(part.vectors) if part.vectors else np.zeros((0, dim), np.float32))  # fmt: skip
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from imret.embed import load_embeddings
 from imret.errors import ImretError
 from imret.keyfile import KeyFile
-from imret.retrieval import build_index, load_index, save_index, search
+from imret.retrieval import build_index, exact_neighbours, load_index, save_index, search
 
 INDEX_FILE = "index.faiss"
 EXAMPLES_SPLIT = "val"  # the images a search page offers to try: never in a train gallery
@@ -46,7 +46,7 @@ def build_and_save(emb_dir: str | Path, kind: str = "flat", device: str = "auto"
         rng = np.random.default_rng(0)
         sample = embeddings[np.sort(rng.choice(len(embeddings), size=min(RECALL_QUERIES, len(embeddings)), replace=False))]
         k = min(RECALL_K, len(embeddings))
-        exact = search(build_index(embeddings, "flat", device), sample, k)[1]
+        exact = exact_neighbours(embeddings, sample, k, device)
         approx = search(index, sample, k)[1]
         recall = np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact)])
         summary += f"; recall@{k} against exact search: {recall:.3f}"
@@ -63,9 +63,11 @@ def exact_gallery_index(emb_dir: Path, embeddings: np.ndarray, meta: dict[str, A
     wanted = {"job": meta["job"], "kind": "flat", "float16": False}
     if sidecar is not None and all(sidecar.get(k) == v for k, v in wanted.items()):
         try:
-            return to_devices(load_index(emb_dir / INDEX_FILE, wanted)[0], device)
+            saved = load_index(emb_dir / INDEX_FILE, wanted)[0]
         except ImretError:  # damaged: built again below
             sidecar = None
+        else:
+            return to_devices(saved, device)
     index = build_index(embeddings, "flat", device)
     if sidecar is None or sidecar.get("job") != meta["job"]:
         save_index(index, emb_dir / INDEX_FILE, index_sidecar(meta, "flat", False))

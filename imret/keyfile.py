@@ -12,8 +12,8 @@ import numpy as np
 
 
 class KeyWriter:
-    """Appends keys to `<base>.txt.tmp` and their offsets to a buffered list of arrays; `close` renames both into
-    place (offsets last), so a reader never meets a half-written key file."""
+    """Appends keys to a temporary text file and their offsets to a buffered list of arrays; `close` syncs both to
+    disk and renames them into place, offsets last (`KeyFile` checks the text's size against the offsets)."""
 
     def __init__(self, base: Path):
         self.base = base
@@ -37,7 +37,10 @@ class KeyWriter:
         self.handle.close()
         offsets = np.concatenate(self.offsets)
         offsets_tmp = self.base.with_name(f".{self.base.name}.offsets.tmp.npy")
-        np.save(offsets_tmp, offsets)
+        with open(offsets_tmp, "wb") as handle:
+            np.save(handle, offsets)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(self.text_tmp, text_path(self.base))
         os.replace(offsets_tmp, offsets_path(self.base))
         return len(offsets) - 1

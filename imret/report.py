@@ -117,16 +117,17 @@ def comparison_sentence(row: dict[str, Any]) -> str:
     other way (a few large differences against many small ones)."""
     a, b, effect = row["a"], row["b"], row["effect_size"]
     numbers = (f"effect size {effect:+.2f}, Holm-adjusted p = {row['p_holm']:.2g}; mean difference "
-               f"{row['mean_difference']:+.3f}, median {row.get('median_difference', float('nan')):+.3f}")  # fmt: skip
+               f"{row['mean_difference']:+.3f}, median {row['median_difference']:+.3f}")  # fmt: skip
     if effect == 0:
         return f"{a} and {b} do not differ by the signed-rank test ({numbers})."
     verdict = "significantly" if row["p_holm"] < ALPHA else "not significantly"
     sentence = f"{a} is {verdict} {'higher' if effect > 0 else 'lower'} than {b} ({numbers})."
-    against = [name for name in ("mean", "median") if np.sign(row.get(f"{name}_difference", 0.0)) == -np.sign(effect)]
+    against = [name for name in ("mean", "median") if np.sign(row[f"{name}_difference"]) == -np.sign(effect)]
     if against:
         winner, loser = (a, b) if effect > 0 else (b, a)
         sentence += (f" The {' and the '.join(against)} difference{'s point' if len(against) > 1 else ' points'} the "
-                     f"other way: more queries rank {winner} higher, but by less than {loser} wins the others.")  # fmt: skip
+                     f"other way: the signed-rank test weighs each query's difference by its rank and favours {winner}, while "
+                     f"the {' and the '.join(against)} favour{'s' if len(against) == 1 else ''} {loser}.")  # fmt: skip
     return sentence
 
 

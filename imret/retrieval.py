@@ -149,9 +149,19 @@ def search(index: Any, queries: np.ndarray, k: int, batch: int = 4096) -> tuple[
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def exact_neighbours(gallery_emb: np.ndarray, query_emb: np.ndarray, k: int, device: str = "auto") -> np.ndarray:
-    index = build_index(gallery_emb, "flat", device=device)
-    return search(index, query_emb, k)[1]
+def exact_neighbours(gallery_emb: np.ndarray, query_emb: np.ndarray, k: int, device: str = "auto",
+                     chunk: int = 1 << 20) -> np.ndarray:  # fmt: skip
+    """The exact top-k gallery rows of each query, nearest first: the gallery indexed `chunk` rows at a time and
+    the results merged, so a memory-mapped gallery is never held whole beside another index."""
+    faiss = _faiss()
+    heap = faiss.ResultHeap(len(query_emb), k)
+    queries = np.ascontiguousarray(query_emb, dtype=np.float32)
+    for start in range(0, len(gallery_emb), chunk):
+        part = build_index(read_rows(gallery_emb, start, start + chunk), "flat", device)
+        distances, rows = search(part, queries, min(k, part.ntotal))
+        heap.add_result(distances, np.where(rows >= 0, rows + start, -1))
+    heap.finalize()
+    return heap.I
 
 
 # ---------------------------------------------------------------- saving and loading

@@ -1,8 +1,8 @@
 """`imret search INDEX_DIR IMAGE...`: query an index with any image; `imret serve` answers through the same code.
 
 An index directory names its model run, layer, masking and shard location (its sidecar), so a search needs
-nothing else. A query is decoded as the embedding job decodes a shard's image (`decode_image` at the model's
-load size, in memory) and embedded through the same `embed_images` (for a masked index, after the same
+nothing else. A query is decoded as the embedding job decoded the shards' images (at the model's load size, in
+memory, by the job's decode path) and embedded through the same `embed_images` (for a masked index, after the same
 segmentation run's `Masker`), so a gallery image searched comes back first at distance ~0. The model whose
 weights, layer or dimension differ from what the index was built with is refused, as is masking that does not
 match the index.
@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from imret.config import _did_you_mean
 from imret.data.lookup import Lookup, lookup_paths
+from imret.data.device_decode import decode_jpegs, resize
 from imret.data.shards import decode_image
 from imret.embed import Embedder, Masker, embed_images, load_model
 from imret.errors import ImretError
@@ -41,8 +42,9 @@ class Neighbour:
     label_iou: float | None  # with the query's tags, when they are given
 
 
-def decode_query(data: bytes, load_size: int) -> torch.Tensor:
-    """Image bytes -> uint8 [3, load, load], exactly as the embedding job decodes a shard's image. Anything
+def decode_query(data: bytes, load_size: int, decode: str = "cpu") -> torch.Tensor:
+    """Image bytes -> uint8 [3, load, load], as the embedding job decoded its shards' images: `decode` is the
+    job's path (cpu: PIL; gpu: a JPEG through the device path's decoder and resize, here on the CPU). Anything
     that PIL cannot decode completely (a truncated file, not an image), or an image of more than PIL's
     Image.MAX_IMAGE_PIXELS, is an ImretError."""
     too_large = ImretError(f"an image of more than the {Image.MAX_IMAGE_PIXELS} pixels allowed")
@@ -50,7 +52,11 @@ def decode_query(data: bytes, load_size: int) -> torch.Tensor:
         with Image.open(io.BytesIO(data)) as probe:  # the header only: the size before any decoding
             if Image.MAX_IMAGE_PIXELS and probe.width * probe.height > Image.MAX_IMAGE_PIXELS:
                 raise too_large
-        return decode_image(data, load_size)
+        image = decode_image(data, load_size)  # also the check that the whole file decodes
+        if decode == "gpu" and Image.open(io.BytesIO(data)).format == "JPEG":
+            image = resize(decode_jpegs([torch.frombuffer(bytearray(data), dtype=torch.uint8)], ["query"],
+                                        torch.device("cpu"))[0], load_size)  # fmt: skip
+        return image
     except ImretError:
         raise
     except Image.DecompressionBombError:  # PIL's own refusal, at twice the limit
@@ -115,7 +121,7 @@ class Gallery:
         return net, meta
 
     def decode(self, data: bytes) -> torch.Tensor:
-        return decode_query(data, self.meta["load_size"])
+        return decode_query(data, self.meta["load_size"], self.sidecar["job"].get("decode", "cpu"))
 
     def embed(self, images: list[torch.Tensor]) -> np.ndarray:
         """Decoded queries -> their embeddings, in one forward pass."""

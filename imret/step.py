@@ -66,6 +66,7 @@ class NonfiniteGuard:
         self.local: list[torch.Tensor] = []  # per step: this rank's loss was not finite
         self.keys: list[list[str]] = []  # per step: its batch keys, to name them
         self.skipped: list[torch.Tensor] = []  # per optimiser step: skipped on every rank
+        self.closed = 0  # how many of `local` belong to windows that have stepped
 
     def observe(self, loss: torch.Tensor, keys: list[str]) -> None:
         bad = ~torch.isfinite(loss.detach())
@@ -88,14 +89,17 @@ class NonfiniteGuard:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.skipped.append(skip > 0)
+        self.closed = len(self.local)
         self.window_bad = torch.zeros((), dtype=torch.bool, device=self.device)
 
     def check(self, rank: int, progress) -> None:
-        """Read the flags since the last check; update progress.nonfinite_in_row/total; warn or stop."""
+        """Read the flags of the optimiser steps since the last check (an open accumulation window waits for its
+        step); update progress.nonfinite_in_row/total; warn or stop."""
+        closed = self.closed
         skipped = torch.stack(self.skipped).tolist() if self.skipped else []
-        local = torch.stack(self.local).tolist() if self.local else []
-        bad_keys = [key for bad, keys in zip(local, self.keys) if bad for key in keys][:8]
-        self.local, self.keys, self.skipped = [], [], []
+        local = torch.stack(self.local[:closed]).tolist() if closed else []
+        bad_keys = [key for bad, keys in zip(local, self.keys[:closed]) if bad for key in keys][-8:]
+        self.local, self.keys, self.skipped, self.closed = self.local[closed:], self.keys[closed:], [], 0
         longest = 0
         for flag in skipped:
             progress.nonfinite_in_row = progress.nonfinite_in_row + 1 if flag else 0

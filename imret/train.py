@@ -160,7 +160,7 @@ def train(recipe: Recipe, debug: bool = False) -> Path:
                 if debug:
                     interval.debug_line(progress.global_step, loss)
                 if progress.global_step % recipe.log.every_n_steps == 0 or index + 1 == steps:
-                    # the interval's one read-back: statistics, skipped steps, and whether any rank got SIGTERM
+                    # the step loop's only read-backs, once an interval: statistics, skipped steps, any rank's SIGTERM
                     means = interval.read()
                     guard.check(accelerator.process_index, progress)
                     stopping = stopping or agree(accelerator, stop.requested)[0]

@@ -97,3 +97,20 @@ def test_the_trainer_runs_on_jpeg_bytes(tmp_path, train_shards, monkeypatch):
     run = train(recipe)
     val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
     assert len(val) == 3 and min(r["loss"] for r in val[1:]) < val[0]["loss"]
+
+
+def test_a_query_is_decoded_by_the_path_that_decoded_its_gallery(synth_shards):
+    """A gallery decoded on the device gets queries through the device path's decoder and resize, a CPU-decoded
+    one through PIL's; either way a truncated file is refused."""
+    from imret.errors import ImretError
+    from imret.search import decode_query
+
+    encoded = batches(synth_shards, "gpu", 30)[0]
+    data = encoded["image"][0].numpy().tobytes()
+    gallery_row = images_on_device(encoded, 30, CPU)[0]
+    plain_row = batches(synth_shards, "cpu", 30)[0]["image"][0]
+    assert torch.equal(decode_query(data, 30, "gpu"), gallery_row)
+    assert torch.equal(decode_query(data, 30, "cpu"), plain_row) and not torch.equal(gallery_row, plain_row)
+    for decode in ("cpu", "gpu"):
+        with pytest.raises(ImretError, match="not a readable image"):
+            decode_query(data[: len(data) // 2], 30, decode)

@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import wilcoxon
 
 from imret.errors import ImretError
-from imret.retrieval import (build_index, ideal_gains, load_index, random_baseline, random_neighbours,
+from imret.retrieval import (build_index, exact_neighbours, ideal_gains, load_index, random_baseline, random_neighbours,
                              ranking_scores, retrieval_iou, save_index, search)  # fmt: skip
 from imret.stats import holm, paired_test, summary
 from imret.study import select_queries
@@ -36,6 +36,13 @@ def test_retrieval_iou_equals_brute_force(k):
         nearest = np.argsort(((gallery - query) ** 2).sum(1))[:k]
         expected.append(np.mean([brute_iou(labels, g_labels[i]) for i in nearest]))
     assert retrieval_iou(gallery, g_labels, queries, q_labels, k) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [7, 1000])
+def test_exact_neighbours_read_in_chunks_equal_brute_force(chunk):
+    gallery, _, queries, _ = data()
+    expected = np.argsort(((gallery[None] - queries[:, None]) ** 2).sum(-1), axis=1, kind="stable")[:, :5]
+    assert np.array_equal(exact_neighbours(gallery, queries, 5, "cpu", chunk=chunk), expected)
 
 
 def test_random_baseline_is_seeded_distinct_and_correct():

@@ -171,6 +171,26 @@ def test_skipped_steps_in_a_row_stop_with_the_batch_keys():
         guard.check(0, progress)
 
 
+def test_a_check_inside_an_accumulation_window_keeps_its_keys_for_the_step(caplog):
+    from imret.train import Progress
+
+    model, optimizer = adam_pair()
+    guard = NonfiniteGuard(torch.device("cpu"), world=1, device_skip=True, max_in_row=3)
+    progress = Progress()
+    loss = model(torch.ones(1, 4)).sum() * float("nan")
+    guard.observe(loss, ["open"])  # the window's first step; its optimiser step comes after the check
+    loss.backward()
+    guard.check(0, progress)
+    assert progress.nonfinite_total == 0
+    loss = model(torch.ones(1, 4)).sum()
+    guard.observe(loss, ["closing"])
+    loss.backward()
+    guard.step(optimizer)
+    with caplog.at_level("WARNING"):
+        guard.check(0, progress)
+    assert progress.nonfinite_total == 1 and "rank 0: open" in caplog.text and "closing" not in caplog.text
+
+
 def count_host_reads(monkeypatch) -> list[str]:
     """Record every Python-level read of a tensor's value (the calls that make a GPU step wait)."""
     reads: list[str] = []

@@ -76,14 +76,15 @@ def decode_jpegs(data: list[torch.Tensor], keys: list[str], device: torch.device
         try:
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
         except RuntimeError:
-            if device.type != "cuda":
-                raise
+            pass  # which image: found one by one below
         images = []
         for item, key in zip(data, keys):
             try:
                 images.append(decode_jpeg(item, mode=ImageReadMode.RGB, device=device))
                 continue
-            except RuntimeError:
+            except RuntimeError as exc:
+                if device.type != "cuda":
+                    raise DataError(f"sample {key}: its JPEG does not decode ({exc}); run imret shards verify") from None
                 say_once("data.decode: gpu: nvJPEG could not decode some JPEGs; those are decoded on the CPU")
             try:
                 images.append(decode_jpeg(item, mode=ImageReadMode.RGB).to(device, non_blocking=True))
@@ -93,7 +94,8 @@ def decode_jpegs(data: list[torch.Tensor], keys: list[str], device: torch.device
 
 
 def resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    """To size x size, bilinear with antialiasing (what PIL's BILINEAR does on the CPU path), as uint8."""
+    """To size x size, bilinear with antialiasing, as uint8. Close to the CPU path, not equal: PIL first decodes
+    a large JPEG at a reduced DCT scale (`draft`), then resizes (0-5 grey levels apart on average)."""
     if image.shape[-2:] == (size, size):
         return image
     resized = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)

@@ -201,7 +201,7 @@ def write_text(location: str | Path, text: str) -> None:
         _retrying(location, lambda: fs.pipe_file(str(location), text.encode("utf-8")))
         return
     path = Path(location)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two processes writing one file never share a draft
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)

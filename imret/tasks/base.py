@@ -42,7 +42,8 @@ class Task:
 
     def val_outputs(self, model: nn.Module, images: torch.Tensor, masks: torch.Tensor | None,
                     labels: torch.Tensor, keys: list[str]) -> dict[str, np.ndarray]:  # fmt: skip
-        """Per-sample arrays (first axis = samples) that are gathered from every rank for val_metrics."""
+        """Arrays gathered from every rank for val_metrics, concatenated along their first axis: one row per
+        sample, or per batch for a task that sums as it goes (multilabel)."""
         raise NotImplementedError
 
     def val_metrics(self, outputs: dict[str, np.ndarray], epoch: int) -> dict[str, float]:
