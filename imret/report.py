@@ -125,9 +125,10 @@ def comparison_sentence(row: dict[str, Any]) -> str:
     against = [name for name in ("mean", "median") if np.sign(row[f"{name}_difference"]) == -np.sign(effect)]
     if against:
         winner, loser = (a, b) if effect > 0 else (b, a)
-        sentence += (f" The {' and the '.join(against)} difference{'s point' if len(against) > 1 else ' points'} the "
-                     f"other way: the signed-rank test weighs each query's difference by its rank and favours {winner}, while "
-                     f"the {' and the '.join(against)} favour{'s' if len(against) == 1 else ''} {loser}.")  # fmt: skip
+        named = " and the ".join(against)
+        sentence += (f" The {named} difference{'s point' if len(against) > 1 else ' points'} the other way: the "
+                     f"signed-rank test weighs each query's difference by its rank and favours {winner}, while the "
+                     f"{named} favour{'s' if len(against) == 1 else ''} {loser}.")  # fmt: skip
     return sentence
 
 

@@ -1,11 +1,11 @@
 """`imret search INDEX_DIR IMAGE...`: query an index with any image; `imret serve` answers through the same code.
 
 An index directory names its model run, layer, masking and shard location (its sidecar), so a search needs
-nothing else. A query is decoded as the embedding job decoded the shards' images (at the model's load size, in
-memory, by the job's decode path) and embedded through the same `embed_images` (for a masked index, after the same
-segmentation run's `Masker`), so a gallery image searched comes back first at distance ~0. The model whose
-weights, layer or dimension differ from what the index was built with is refused, as is masking that does not
-match the index.
+nothing else. A query is decoded as the embedding job decoded the shards' images (at the model's load size,
+in memory, by the job's decode path) and embedded through the same `embed_images` (for a masked index, after
+the same segmentation run's `Masker`), so a gallery image searched comes back first at distance ~0. The model
+whose weights, layer or dimension differ from what the index was built with is refused, as is masking that does
+not match the index.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from imret.config import _did_you_mean
-from imret.data.lookup import Lookup, lookup_paths
 from imret.data.device_decode import decode_jpegs, resize
+from imret.data.lookup import Lookup, lookup_paths
 from imret.data.shards import decode_image
 from imret.embed import Embedder, Masker, embed_images, load_model
 from imret.errors import ImretError

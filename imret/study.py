@@ -1,8 +1,9 @@
 """`imret study RECIPE` and `imret demo`: every stage of the study, each skipped when its complete output exists.
 
 shards (built from `data.source` when missing) -> train each recipe (a finished run says so; a partial one
-resumes) -> embed every compared model, train split (gallery) and the query split (test when the shards have one, else val), original and with the
-background zeroed by the segmentation run -> report.md -> retrieval.json (last: it marks the stage done).
+resumes) -> embed every compared model, train split (gallery) and query split (test when the shards have one,
+else val), original and with the background zeroed by the segmentation run -> report.md -> retrieval.json
+(last: it marks the stage done).
 Under `accelerate launch` the training and embedding stages use every process, and scoring and the report run
 on rank 0; the shards must exist already (the study prints the `imret shards build` command when they don't).
 """

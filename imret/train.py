@@ -80,7 +80,7 @@ def train(recipe: Recipe, debug: bool = False) -> Path:
     manifest = load_manifest(recipe.data.shards)
     check_against_shards(recipe, manifest["has_masks"], recipe.data.shards)
     val_samples = manifest["splits"]["val"]["samples"]
-    if debug:  # a task that samples validation samples from what a debug run validates, not the whole split
+    if debug:  # triplet validation samples from what is validated: 2 batches here, not the whole split
         val_samples = min(val_samples, DEBUG_VAL_BATCHES * recipe.data.batch_size_per_device)
     task = make_task(recipe, manifest["classes"], val_samples)
     with_masks = task.needs_masks or recipe.data.zero_background

@@ -57,10 +57,11 @@ class MultilabelTask(Task):
         image count and the sums of each example score at each threshold."""
         logits = model(images).float()
         loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1)
-        half = torch.tensor([key_rank(key, self.recipe.run.seed, "threshold half") >= 0.5 for key in keys], device=logits.device)
+        seed = self.recipe.run.seed
+        half = torch.tensor([key_rank(key, seed, "threshold half") >= 0.5 for key in keys], device=logits.device)
         scores = example_scores_per_threshold(torch.sigmoid(logits), labels, torch.from_numpy(THRESHOLDS).to(logits))
         membership = torch.stack([half == h for h in (0, 1)]).float()  # [2, B]
-        by_half = (membership[:, :, None, None] * scores).sum(1)  # [2, T, 4]; a matmul would run in bf16 under autocast
+        by_half = (membership[:, :, None, None] * scores).sum(1)  # [2, T, 4]; not a matmul, which autocast makes bf16
         counts = membership.sum(1)
         return {"loss_sum": cpu(loss.sum())[None], "half_count": cpu(counts)[None], "half_scores": cpu(by_half)[None]}
 
