@@ -12,38 +12,45 @@ import numpy as np
 
 
 class KeyWriter:
-    """Appends keys to a temporary text file and their offsets to a buffered list of arrays; `close` syncs both to
-    disk and renames them into place, offsets last (`KeyFile` checks the text's size against the offsets)."""
+    """Appends keys to a temporary text file and their end offsets to a temporary raw file, so memory does not
+    grow with the count; `close` writes the offsets as a .npy, syncs both to disk and renames them into place,
+    offsets last (`KeyFile` checks the text's size against the offsets)."""
 
     def __init__(self, base: Path):
         self.base = base
         self.text_tmp = base.with_name(f".{base.name}.txt.tmp")
-        self.handle = open(self.text_tmp, "wb")
-        self.offsets: list[np.ndarray] = [np.zeros(1, np.int64)]
-        self.position = 0
+        self.raw_tmp = base.with_name(f".{base.name}.offsets.raw.tmp")
+        self.handle, self.raw = open(self.text_tmp, "wb"), open(self.raw_tmp, "wb+")
+        self.position, self.count = 0, 0
 
     def add(self, keys: Iterable[str]) -> None:
         encoded = [f"{key}\n".encode() for key in keys]
         if not encoded:
             return
         self.handle.write(b"".join(encoded))
-        self.offsets.append(self.position + np.cumsum([len(e) for e in encoded], dtype=np.int64))
-        self.position = int(self.offsets[-1][-1])
+        ends = self.position + np.cumsum([len(e) for e in encoded], dtype=np.int64)
+        self.raw.write(ends.tobytes())
+        self.position, self.count = int(ends[-1]), self.count + len(encoded)
 
     def close(self) -> int:
         """Finish the files; returns the number of keys."""
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-        self.handle.close()
-        offsets = np.concatenate(self.offsets)
         offsets_tmp = self.base.with_name(f".{self.base.name}.offsets.tmp.npy")
         with open(offsets_tmp, "wb") as handle:
-            np.save(handle, offsets)
-            handle.flush()
-            os.fsync(handle.fileno())
+            np.lib.format.write_array_header_1_0(handle, {"descr": "<i8", "fortran_order": False,
+                                                          "shape": (self.count + 1,)})  # fmt: skip
+            handle.write(np.zeros(1, "<i8").tobytes())
+            self.raw.seek(0)
+            for block in iter(lambda: self.raw.read(1 << 24), b""):
+                handle.write(block)
+            for done in (handle, self.handle):
+                done.flush()
+                os.fsync(done.fileno())
+        self.handle.close()
+        self.raw.close()
+        os.unlink(self.raw_tmp)
         os.replace(self.text_tmp, text_path(self.base))
         os.replace(offsets_tmp, offsets_path(self.base))
-        return len(offsets) - 1
+        return self.count
 
 
 def text_path(base: Path) -> Path:
