@@ -1,14 +1,14 @@
 """Run under torchrun by test_train: trains a tiny recipe and writes how it ended; with `nan-on-rank-1` as
 the mode, rank 1's loss is always NaN (rank 0's never is); with `no-norm`, the backbone is the BatchNorm-free
-one of shard_tools (registered like any backbone), whose gradients average exactly across ranks."""
+one of shard_tools (registered like any backbone), whose gradients average exactly across ranks. It ends the
+way `imret` run as a command does."""
 
 import json
 import os
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
-
+from imret.cli import exit_without_teardown, release_process_group
 from imret.config import load_recipe
 from imret.tasks.multilabel import MultilabelTask
 from imret.train import TrainingError, train
@@ -33,4 +33,5 @@ try:
 except TrainingError as exc:
     result = {"ok": False, "error": str(exc)}
 Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-dist.destroy_process_group()
+release_process_group()
+exit_without_teardown(0)
