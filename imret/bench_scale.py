@@ -5,7 +5,11 @@ images): N = 10^5, 10^6 and 10^7 vectors of d = 128, 500 queries, k = 5, 46 clas
   (`imret.embed.merge_parts`);
 - index: the exact index built from the memory map in chunks and saved (`imret.index.exact_gallery_index`);
 - score: the study's scoring (`imret.study.score`): the saved index loaded, the queries searched, label IoU,
-  precision/mAP/nDCG against the ideal gains over the whole gallery, the random baseline and the paired tests.
+  precision/mAP/nDCG against the ideal gains over the whole gallery, the random baseline and the paired tests;
+- open: the saved index opened as `imret search` and `imret serve` open it (`imret.retrieval.load_index`:
+  memory-mapped) and the queries searched; read: the same with FAISS's plain read, the whole index copied into
+  the process (the baseline). Both say how long opening took and the memory the process owns at the end
+  (RssAnon: the mapped index is page cache, not the process's own).
 
 Each stage runs in a fresh subprocess, so the peak resident memory reported is that stage's own, taken from
 the kernel (`getrusage`), memory-mapped pages included. The synthetic parts are written once per N and are not
@@ -28,7 +32,7 @@ import numpy as np
 
 SIZES = (10**5, 10**6, 10**7)
 DIM, QUERIES, K, CLASSES, PART_ROWS = 128, 500, 5, 46, 100_000
-STAGES = ("merge", "index", "score")
+STAGES = ("merge", "index", "score", "open", "read")
 
 
 def write_parts(directory: Path, rows: int, seed: int) -> list[Path]:
@@ -84,8 +88,32 @@ def score(work: Path) -> None:
     (work / "score.json").write_text(json.dumps(results["results"]["synthetic"]["original"]))
 
 
+def open_and_search(work: Path, memory_mapped: bool) -> dict[str, float]:
+    import faiss
+
+    from imret.embed import load_embeddings
+    from imret.index import INDEX_FILE
+    from imret.retrieval import load_index, search
+
+    queries = np.ascontiguousarray(load_embeddings(work / "val")[0][:QUERIES])
+    path = work / "train" / INDEX_FILE
+    start = time.perf_counter()
+    index = load_index(path)[0] if memory_mapped else faiss.read_index(str(path))
+    opened = time.perf_counter() - start
+    search(index, queries, K)
+    return {"open_s": round(opened, 3), "own_mib_at_end": round(own_memory_mib(), 1)}
+
+
+def own_memory_mib() -> float:
+    """The process's anonymous resident memory (RssAnon): what it holds itself, page cache not counted."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
 def run_stage(stage: str, work: Path) -> dict[str, float]:
-    """One stage in a fresh interpreter: (seconds, peak resident MiB)."""
+    """One stage in a fresh interpreter: seconds, peak resident MiB and what the stage adds."""
     command = [sys.executable, "-m", "imret.bench_scale", stage, str(work)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
@@ -118,14 +146,17 @@ def bench_scale(sizes: tuple[int, ...] = SIZES, workdir: str | None = None) -> d
 def main() -> None:
     stage, work = sys.argv[1], Path(sys.argv[2])
     start = time.perf_counter()
+    extra: dict[str, float] = {}
     if stage == "merge":
         merge(work, "train")
         merge(work, "val")
+    elif stage in ("open", "read"):
+        extra = open_and_search(work, memory_mapped=stage == "open")
     else:
         {"index": index, "score": score}[stage](work)
     seconds = time.perf_counter() - start
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    print(json.dumps({"seconds": round(seconds, 2), "peak_rss_mib": round(peak_mib, 1)}))
+    print(json.dumps({"seconds": round(seconds, 2), "peak_rss_mib": round(peak_mib, 1), **extra}))
 
 
 if __name__ == "__main__":

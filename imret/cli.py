@@ -249,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="measure throughput against a plain baseline")
     bench.add_argument("what", choices=["loader", "train", "embed", "faiss", "gpu", "scale", "serve"],
                        help="gpu: every GPU figure in one run, under 5 minutes (its sizes are fixed); scale: merge, "
-                            "index and score at growing gallery sizes, time and peak memory; serve: imret serve "
-                            "under 1, 8 and 32 concurrent clients")  # fmt: skip
+                            "index, score and opening the index (memory-mapped, and read whole) at growing gallery "
+                            "sizes, time and memory; serve: imret serve under 1, 8 and 32 concurrent clients")  # fmt: skip
     bench.add_argument("--images", type=int, help="dataset size (loader, default 2000) or gallery size (faiss: 2000, "
                        "serve: 100000)")  # fmt: skip
     bench.add_argument("--size", type=int, default=96, help="side of the images the loader yields")

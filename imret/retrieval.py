@@ -199,7 +199,10 @@ def on_gpus(index: Any) -> bool:
 
 
 def load_index(path: str | Path, expect: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
-    """Read an index and its sidecar; refuse one whose size, dimension or model does not match."""
+    """Read an index and its sidecar; refuse one whose size, dimension or model does not match. A flat index
+    (float32 or float16) is memory-mapped, not read: it opens at once whatever its size, its pages are the page
+    cache's (read as searched, shared by every process that opens it), and it is read-only (nothing adds to a
+    loaded index). IVF-PQ, 64 bytes a vector, is read."""
     faiss = _faiss()
     path = Path(path)
     sidecar_path = path.with_name(f"{path.name}.json")
@@ -209,7 +212,7 @@ def load_index(path: str | Path, expect: dict[str, Any] | None = None) -> tuple[
     if path.stat().st_size != sidecar.get("bytes"):
         raise ImretError(f"{path}: {path.stat().st_size} bytes, its sidecar says {sidecar.get('bytes')} (truncated?)")
     try:
-        index = faiss.read_index(str(path))
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
     except RuntimeError as exc:
         raise ImretError(f"{path}: unreadable index ({str(exc).splitlines()[0]})") from None
     for key, value in (expect or {}).items():

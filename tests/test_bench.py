@@ -49,6 +49,7 @@ def test_the_scale_benchmark_runs_every_stage_in_its_own_process(tmp_path):
     for stage in STAGES:
         assert row[stage]["seconds"] > 0 and row[stage]["peak_rss_mib"] > 50
     assert row["score_mean_iou"] > 0.3  # clustered vectors with labels that follow their cluster: retrieval works
+    assert row["open"]["open_s"] >= 0 and row["open"]["own_mib_at_end"] > 0 and row["read"]["own_mib_at_end"] > 0
 
 
 def test_the_serve_benchmark_measures_a_real_server_batched_and_one_at_a_time():

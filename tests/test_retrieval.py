@@ -118,6 +118,7 @@ def test_index_round_trip_and_refusals(tmp_path):
     save_index(index, path, {"model": "runs/a", "layer": "pooled"})
     loaded, sidecar = load_index(path, {"model": "runs/a", "dim": 16})
     assert sidecar["count"] == 300 and np.array_equal(search(loaded, queries, 3)[1], found)
+    assert not loaded.codes.is_owned  # a view of the file's pages, memory-mapped, not a copy read into RAM
     with pytest.raises(ImretError, match=r"built for model='runs/a', expected 'runs/b'"):
         load_index(path, {"model": "runs/b"})
     with pytest.raises(ImretError, match=r"built for dim=16, expected 32"):
@@ -176,6 +177,8 @@ def test_float16_flat_and_ivfpq_round_trip_from_a_memory_map(tmp_path, monkeypat
         save_index(index, path, {"model": "m"})
         loaded, _ = load_index(path)
         assert np.array_equal(search(loaded, queries, 10)[1], search(index, queries, 10)[1])
+        if name == "half":
+            assert not loaded.codes.is_owned  # memory-mapped, like the float32 flat index
 
 
 def test_a_gpu_machine_without_gpu_faiss_is_told_the_fix(monkeypatch):
