@@ -118,6 +118,35 @@ def test_the_lookup_finds_every_key_and_reads_what_tarfile_reads(study, train_me
     assert [val.key(r) for r in range(len(val))] == list(val_members)  # every sample, in tar order
 
 
+
+def test_finding_a_key_reads_a_few_records_not_a_copy_of_the_hash_column(tmp_path):
+    """A lookup written directly at 200,000 keys: each find holds far less than the 1.6 MB hash column, which a
+    copy of it would allocate."""
+    import tracemalloc
+
+    from imret.data.lookup import HASHED, ROW, key_hash
+
+    count = 200_000
+    keys = [f"k{i:07d}".encode() for i in range(count)]
+    hashes = np.array([key_hash(k) for k in keys], dtype=np.uint64)
+    rows = np.zeros(count, ROW)
+    rows["key"] = keys
+    order = np.argsort(hashes, kind="stable")
+    hashed = np.empty(count, HASHED)
+    hashed["hash"], hashed["row"] = hashes[order], order
+    rows_path, hash_path, done_path = lookup_paths(tmp_path, "train")
+    rows_path.parent.mkdir()
+    np.save(rows_path, rows)
+    np.save(hash_path, hashed)
+    done_path.write_text(json.dumps({"shards": []}))
+    lookup = Lookup(tmp_path, "train", str(tmp_path))
+    wanted = [0, 1, 99_999, 199_999]
+    tracemalloc.start()
+    found = [lookup.find(keys[row].decode()) for row in wanted] + [lookup.find("k9999999")]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert found == wanted + [None] and peak < count * 8 // 10
+
 def test_a_damaged_or_unfinished_lookup_is_built_again(study, tmp_path):
     copy = shutil.copytree(index_dir(study, "classifier", "original"), tmp_path / "index")
     sidecar = sidecar_of(copy)

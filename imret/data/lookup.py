@@ -16,6 +16,7 @@ the lookup is ever read. All shard bytes are read through `open_shard`.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -169,7 +170,10 @@ class Lookup:
         done = json.loads(done_path.read_text())
         self.location, self.shards = location, done["shards"]
         self.rows = np.load(rows_path, mmap_mode="r")
-        self.hashed = np.load(hash_path, mmap_mode="r")
+        # a strided view of the mapped records: binary-searched with bisect (a page per probe), since
+        # np.searchsorted copies a non-contiguous array whole (400 MB at 50M keys) on every call
+        hashed = np.load(hash_path, mmap_mode="r")
+        self.hashes, self.hash_rows = hashed["hash"], hashed["row"]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -179,9 +183,9 @@ class Lookup:
         if len(encoded) > KEY_BYTES:
             return None
         wanted = key_hash(encoded)
-        at = int(np.searchsorted(self.hashed["hash"], wanted))
-        while at < len(self.hashed) and int(self.hashed["hash"][at]) == wanted:
-            row = int(self.hashed["row"][at])
+        at = bisect.bisect_left(self.hashes, wanted)
+        while at < len(self.hashes) and int(self.hashes[at]) == wanted:
+            row = int(self.hash_rows[at])
             if self.rows["key"][row] == encoded:
                 return row
             at += 1
