@@ -52,8 +52,9 @@ def decode_query(data: bytes, load_size: int, decode: str = "cpu") -> torch.Tens
         with Image.open(io.BytesIO(data)) as probe:  # the header only: the size before any decoding
             if Image.MAX_IMAGE_PIXELS and probe.width * probe.height > Image.MAX_IMAGE_PIXELS:
                 raise too_large
+            jpeg = probe.format == "JPEG"
         image = decode_image(data, load_size)  # also the check that the whole file decodes
-        if decode == "gpu" and Image.open(io.BytesIO(data)).format == "JPEG":
+        if decode == "gpu" and jpeg:
             image = resize(decode_jpegs([torch.frombuffer(bytearray(data), dtype=torch.uint8)], ["query"],
                                         torch.device("cpu"))[0], load_size)  # fmt: skip
         return image

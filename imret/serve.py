@@ -252,7 +252,7 @@ def unique_lookups(catalogue: dict[str, dict[str, Gallery]]) -> list[Lookup]:
 
 def serve(paths: list[str], host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 8.0,
           max_batch: int = 32) -> None:  # fmt: skip
-    """Load everything, bind, print the address (the line a caller waits for) and serve until interrupted."""
+    """Load everything, listen, print the address (the line a caller waits for) and serve until interrupted."""
     catalogue = load_catalogue(paths)
     app = create_app(catalogue, int(max_upload_mb * 1024 * 1024), Batcher(max_batch))
     # IPPROTO_TCP named, as getaddrinfo would: asyncio sets TCP_NODELAY only on sockets that say so, and
@@ -261,6 +261,7 @@ def serve(paths: list[str], host: str = "127.0.0.1", port: int = 8000, max_uploa
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(2048)  # from here connections queue until uvicorn accepts them: the printed address is usable
     except OSError as exc:
         raise ImretError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     shown = f"[{host}]" if ":" in host else host

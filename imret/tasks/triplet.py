@@ -4,10 +4,10 @@ tag overlap, the margin growing on a schedule.
 Validation is bounded and does not depend on how batches fall on ranks: it scores a seeded sample of about
 `VAL_SAMPLE` validation images, those whose key hashes below VAL_SAMPLE / split size (the same images on any
 number of ranks, at any batch size), ordered by that hash and cut into chunks of `VAL_CHUNK`; triplets are
-mined within each chunk at the final margin (comparable across epochs). The loss is the mean over all mined triplets (a chunk without a
-triplet adds nothing, rather than a zero), and the mining statistics are weighted the same way. A leave-one-out
-retrieval score (label IoU of the 5 nearest sampled images) comes from the same sample. Warns when the
-embedding collapses."""
+mined within each chunk at the final margin (comparable across epochs). The loss is the mean over all mined
+triplets (a chunk without a triplet adds nothing, rather than a zero), and the mining statistics are weighted
+the same way. A leave-one-out retrieval score (label IoU of the 5 nearest sampled images) comes from the same
+sample. Warns when the embedding collapses."""
 
 from __future__ import annotations
 
