@@ -8,11 +8,16 @@
   fraction of the in-memory rate that is lost to input (`stall`) and the loop's own input-wait fraction.
 - the device augmentation with and without masks; JPEG decoding per CPU core and on the GPU, and from those,
   how many loader cores one GPU needs with each decode path.
-- the U-Net's training rate from memory; `imret embed` of the train split.
-- FAISS on the GPU, 1M x 128: exact search and IVF-PQ (build, search, recall@10 against exact).
+- the U-Net's training rate from memory; `imret embed` of the train split against the same model's forward
+  pass on batches already in GPU memory (the embedding job's goal: within 10% of it).
+- FAISS on the GPUs, 1M x 128: exact search and IVF-PQ (build, search, recall@10 against exact).
 
-The photos are the embedded synthetic scenes upscaled with noise to `side` px JPEGs (about the size a
-recipe's shards hold), written once per run. `scale` shrinks everything for the CPU test of this code.
+Every stage's figures are written the moment they are measured (`out`: one JSON line a stage, flushed), and a
+stage that fails is recorded as an error with its message while the others go on. The FAISS stages run in
+child processes, since FAISS aborts its process on a CUDA error; with a FAISS that has no GPU support they are
+recorded as skipped, with the reason. The photos are the embedded synthetic scenes upscaled with noise to
+`side` px JPEGs (about the size a recipe's shards hold), written once per run. `scale` shrinks everything for
+the CPU test of this code.
 """
 
 from __future__ import annotations
@@ -20,17 +25,18 @@ from __future__ import annotations
 import json
 import multiprocessing
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
 import numpy as np
 import torch
 
-from imret.system import usable_cores
+from imret.system import native_bf16, usable_cores
 
 
 @dataclass
@@ -46,13 +52,15 @@ class Scale:
     log_every: int = 10
     warmup_intervals: int = 2
     unet_batch: int = 64
+    embed_batch: int = 256
     faiss_gallery: int = 1_000_000
     faiss_dim: int = 128
     faiss_queries: int = 1000
 
 
 FULL, TINY = Scale(), Scale(images=320, side=48, load_size=40, image_size=32, batch=16, steps=6, log_every=2,
-                            warmup_intervals=1, unet_batch=8, faiss_gallery=12_000, faiss_dim=16, faiss_queries=50)  # fmt: skip
+                            warmup_intervals=1, unet_batch=8, embed_batch=32, faiss_gallery=12_000, faiss_dim=16,
+                            faiss_queries=50)  # fmt: skip
 
 
 def synchronize(device: torch.device) -> None:
@@ -117,7 +125,7 @@ def train_from_memory(task_name: str, backbone: str, scale: Scale, batch: int, d
     images = torch.randint(0, 256, (batch, 3, scale.load_size, scale.load_size), dtype=torch.uint8, device=device)
     masks = torch.randint(0, 2, (batch, 1, scale.load_size, scale.load_size), dtype=torch.uint8, device=device)
     labels = (torch.rand(batch, 12, device=device) > 0.8).float()
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = device.type == "cuda" and native_bf16()
 
     def step() -> None:
         x, m = augment(images, masks)
@@ -227,46 +235,114 @@ def decoded_raw(files):
         yield from read_shard(shard)
 
 
-def embed_rate(run: str, shards: Path, device: torch.device, workers: int) -> float:
-    from imret.data.manifest import load_manifest
-    from imret.embed import embed
+def embed_rates(run: str, shards: Path, scale: Scale, device: torch.device, workers: int) -> dict[str, float]:
+    """`imret embed` of the train split (its own rate, after its first batch), against the same model's forward pass
+    (decoded uint8 batches already on the device, through the same Embedder) at the same batch size."""
+    from imret.embed import Embedder, embed, embed_on_device, load_model
 
-    count = load_manifest(shards)["splits"]["train"]["samples"]
+    out = embed(run, shards, "train", out=Path(run) / "bench-embeddings", batch_size=scale.embed_batch, workers=workers)
+    job_rate = json.loads((out / "meta.json").read_text())["images_per_s"]
+    net, meta = load_model(run)
+    embedder = Embedder(net, meta).to(device)
+    images = torch.randint(0, 256, (scale.embed_batch, 3, meta["load_size"], meta["load_size"]), dtype=torch.uint8,
+                           device=device)  # fmt: skip
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the embedding job sets it
+    forward = scale.embed_batch / timed(device, lambda: embed_on_device(embedder, images), repeats=10)
+    return {"embed_images_per_s": round(job_rate), "forward_only_images_per_s": round(forward),
+            "embed_vs_forward": round(job_rate / forward, 3)}  # fmt: skip
+
+
+def clustered_vectors(gallery: int, dim: int, queries: int) -> tuple[np.ndarray, np.ndarray]:
+    """Vectors around gallery/100 centres (so that recall means something), and queries near gallery rows."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(max(10, gallery // 100), dim)).astype(np.float32)
+    vectors = centres[rng.integers(0, len(centres), gallery)] + 0.3 * rng.normal(size=(gallery, dim)).astype(np.float32)
+    return vectors, vectors[rng.choice(gallery, queries, replace=False)] + 0.05
+
+
+def faiss_stage(kind: str, gallery: int, dim: int, queries: int, where: str, exact_path: Path) -> dict[str, Any]:
+    """In a child process: build a `kind` index of the clustered vectors on `where` (gpu|cpu) and search it; the
+    exact stage leaves its neighbours in `exact_path` for the IVF-PQ stage's recall@10."""
+    from imret.faiss_build import gpu_count
+    from imret.retrieval import build_index, exact_neighbours, search
+
+    vectors, qs = clustered_vectors(gallery, dim, queries)
     start = time.perf_counter()
-    embed(run, shards, "train", out=Path(run) / "bench-embeddings", batch_size=256, workers=workers)
-    return count / (time.perf_counter() - start)
+    index = build_index(vectors, kind, where)
+    figures: dict[str, Any] = {"device": where, "gpus": gpu_count(where), "gallery": gallery, "dim": dim,
+                               "queries": queries, "k": 10, "build_s": round(time.perf_counter() - start, 4)}  # fmt: skip
+    search(index, qs, 10)  # warm-up: the first search pays for allocations
+    start = time.perf_counter()
+    found = search(index, qs, 10)[1]
+    figures["search_s"] = round(time.perf_counter() - start, 4)
+    if kind == "flat":
+        np.save(exact_path, found)
+    else:
+        exact = np.load(exact_path) if exact_path.is_file() else exact_neighbours(vectors, qs, 10, "cpu")
+        figures["recall_at_10"] = round(float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(found, exact)])), 4)
+    return figures
 
 
-def faiss_figures(scale: Scale, device: torch.device) -> dict[str, Any]:
-    """Exact and IVF-PQ search of clustered vectors (so that recall means something), on the GPUs if FAISS has
-    GPU support, else on the CPU (the `device` field says which)."""
-    from imret.retrieval import build_index, gpu_count, search
+class SkipStage(Exception):
+    """A stage that cannot run on this machine (the reason is recorded, the benchmark goes on)."""
+
+
+class Recorder:
+    """The benchmark's stages as they finish: each a JSON line in `out` (flushed at once, so that whatever ends
+    the process leaves the figures before it), kept for the summary, and one line of progress on `echo`."""
+
+    def __init__(self, out: Path | None, echo: TextIO):
+        self.stages: dict[str, dict[str, Any]] = {}
+        self.handle = open(out, "w") if out else None
+        self.echo = echo
+
+    def add(self, stage: str, status: str, **fields: Any) -> dict[str, Any]:
+        entry = {"status": status, **fields}
+        self.stages[stage] = entry
+        if self.handle:
+            self.handle.write(json.dumps({"stage": stage, **entry}) + "\n")
+            self.handle.flush()
+        print(f"bench gpu: {stage}: {status}", file=self.echo, flush=True)
+        return entry
+
+    def run(self, stage: str, measure: Callable[[], dict[str, Any]], needs: tuple[str, ...] = ()) -> dict[str, Any]:
+        missing = [name for name in needs if self.stages.get(name, {}).get("status") != "ok"]
+        if missing:
+            return self.add(stage, "skipped", reason=f"needs the {', '.join(missing)} stage")
+        try:
+            figures = measure()
+        except SkipStage as exc:
+            return self.add(stage, "skipped", reason=str(exc))
+        except Exception as exc:  # recorded with its message; the other stages still run
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            return self.add(stage, "error", error=f"{type(exc).__name__}: {message[:500]}")
+        return self.add(stage, "ok", **figures)
+
+    def close(self) -> None:
+        if self.handle:
+            self.handle.close()
+
+
+def faiss_in_child(kind: str, scale: Scale, device: torch.device, exact_path: Path) -> dict[str, Any]:
+    from imret.faiss_build import describe_builds, load_faiss, run_child
 
     where = "gpu" if device.type == "cuda" else "cpu"
-    rng = np.random.default_rng(0)
-    centres = rng.normal(size=(max(10, scale.faiss_gallery // 100), scale.faiss_dim)).astype(np.float32)
-    gallery = centres[rng.integers(0, len(centres), scale.faiss_gallery)] + 0.3 * rng.normal(
-        size=(scale.faiss_gallery, scale.faiss_dim)).astype(np.float32)  # fmt: skip
-    queries = gallery[rng.choice(scale.faiss_gallery, scale.faiss_queries, replace=False)] + 0.05
-    out: dict[str, Any] = {"device": where, "gpus": gpu_count(where), "gallery": scale.faiss_gallery,
-                           "dim": scale.faiss_dim, "queries": scale.faiss_queries, "k": 10}  # fmt: skip
-    found = {}
-    for kind, name in (("flat", "exact"), ("ivfpq", "ivfpq")):  # one index on the GPUs at a time
-        start = time.perf_counter()
-        index = build_index(gallery, kind, where)
-        out[f"{name}_build_s"] = time.perf_counter() - start
-        search(index, queries, 10)  # warm-up: the first search pays for allocations
-        start = time.perf_counter()
-        found[name] = search(index, queries, 10)[1]
-        out[f"{name}_search_s"] = time.perf_counter() - start
-        del index
-    exact, approx = found["exact"], found["ivfpq"]
-    out["ivfpq_recall_at_10"] = float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)]))
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+    faiss = load_faiss()
+    if where == "gpu" and not (hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus()):
+        raise SkipStage(f"the installed FAISS ({describe_builds()}) has no GPU support: pip install -e '.[gpu]'")
+    verdict = run_child([sys.executable, "-m", "imret.bench_gpu", kind, str(scale.faiss_gallery), str(scale.faiss_dim),
+                         str(scale.faiss_queries), where, str(exact_path)], timeout=600)  # fmt: skip
+    if not verdict.pop("ok"):
+        raise RuntimeError(f"the FAISS child {verdict['error']}")
+    return verdict
 
 
 def run_gpu_bench(device: torch.device, scale: Scale = FULL, cpu_workers: list[int] | None = None,
-                  gpu_workers: list[int] | None = None) -> dict[str, Any]:  # fmt: skip
+                  gpu_workers: list[int] | None = None, out: Path | None = None,
+                  echo: TextIO = sys.stderr) -> dict[str, Any]:  # fmt: skip
+    """Every stage, in order; returns {"bench", "date", "machine", "device", "seconds", "stages": {name: entry}}
+    where an entry is {"status": "ok", figures...}, {"status": "error", "error"} or {"status": "skipped", "reason"}."""
     from imret.bench import machine
 
     cores = usable_cores()
@@ -275,44 +351,95 @@ def run_gpu_bench(device: torch.device, scale: Scale = FULL, cpu_workers: list[i
     if device.type != "cuda":  # nvJPEG needs CUDA: the CPU test of this code runs the worker-decoding path only
         gpu_workers = []
     started = time.perf_counter()
-    peak = matmul_peak_flops(device)
-    flops = {"resnet18": training_flops_per_image("multilabel", "resnet18", scale.image_size),
-             "unet": training_flops_per_image("segmentation", "resnet18", scale.image_size)}
+    record = Recorder(out, echo)
+    record.add("setup", "ok", date=date.today().isoformat(), machine=machine(), device=str(device),
+               torch=torch.__version__, cuda=torch.version.cuda, image_size=scale.image_size, load_size=scale.load_size,
+               batch=scale.batch, images=scale.images)  # fmt: skip
 
-    def share(rate: float, model: str = "resnet18") -> float:
-        return round(rate * flops[model] / peak, 4)
+    def ceiling() -> dict[str, Any]:
+        peak = matmul_peak_flops(device)
+        resnet18 = training_flops_per_image("multilabel", "resnet18", scale.image_size)
+        unet = training_flops_per_image("segmentation", "resnet18", scale.image_size)
+        return {"matmul_tflops": float(f"{peak / 1e12:.3g}"), "resnet18_training_gflop_per_image": round(resnet18 / 1e9, 2),
+                "unet_training_gflop_per_image": round(unet / 1e9, 2), "ceiling_images_per_s": round(peak / resnet18)}  # fmt: skip
 
-    result: dict[str, Any] = {
-        "bench": "gpu", "date": date.today().isoformat(), "machine": machine(), "device": str(device),
-        "image_size": scale.image_size, "load_size": scale.load_size, "batch": scale.batch,
-        "matmul_tflops": float(f"{peak / 1e12:.3g}"), "resnet18_training_gflop_per_image": round(flops["resnet18"] / 1e9, 2),
-        "ceiling_images_per_s": round(peak / flops["resnet18"]),
-    }  # fmt: skip
-    memory = train_from_memory("multilabel", "resnet18", scale, scale.batch, device)
-    result["in_memory"] = {"images_per_s": round(memory), "of_ceiling": share(memory)}
-    with tempfile.TemporaryDirectory() as tmp:
-        shards = photo_shards(Path(tmp), scale, cores)
-        result["shards"] = {}
-        last_run = ""
+    def share(rate: float, model: str = "resnet18") -> float | None:
+        if record.stages.get("ceiling", {}).get("status") != "ok":
+            return None
+        c = record.stages["ceiling"]
+        return round(rate * c[f"{model}_training_gflop_per_image"] * 1e9 / (c["matmul_tflops"] * 1e12), 4)
+
+    def in_memory(task: str, batch: int, model: str) -> Callable[[], dict[str, Any]]:
+        def measure() -> dict[str, Any]:
+            rate = train_from_memory(task, "resnet18", scale, batch, device)
+            return {"images_per_s": round(rate), "of_ceiling": share(rate, model)}
+
+        return measure
+
+    record.run("ceiling", ceiling)
+    record.run("in_memory", in_memory("multilabel", scale.batch, "resnet18"))
+    runs: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        shards = tmp / "shards"
+
+        def photos() -> dict[str, Any]:
+            start = time.perf_counter()
+            photo_shards(tmp, scale, cores)
+            return {"images": scale.images, "side": scale.side, "seconds": round(time.perf_counter() - start, 1)}
+
+        record.run("photos", photos)
         for decode, counts in (("cpu", cpu_workers), ("gpu", gpu_workers)):
             for workers in counts:
-                figures = train_from_shards(Path(tmp), shards, scale, decode, workers, f"{decode}-{workers}")
-                last_run = figures.pop("run")
-                rate = figures["images_per_s"]
-                result["shards"][f"decode_{decode}_workers_{workers}"] = {
-                    "images_per_s": round(rate), "of_ceiling": share(rate),
-                    "stall_vs_in_memory": round(max(0.0, 1 - rate / memory), 3),
-                    "input_wait_fraction": round(figures["input_wait_fraction"], 3)}  # fmt: skip
-        result["augment_images_per_s"] = {k: round(v) for k, v in augmentation_rates(scale, device).items()}
-        decoding = decode_rates(shards, scale, device)
-        result["decode"] = {k: round(v, 1) for k, v in decoding.items()}
-        result["cores_per_gpu"] = {  # loader cores that keep the in-memory rate fed
-            "decode_cpu": round(memory / decoding["cpu_core_images_per_s"], 1),
-            "decode_gpu": round(memory / decoding["tar_read_core_images_per_s"], 1)}  # fmt: skip
-        unet = train_from_memory("segmentation", "resnet18", scale, scale.unet_batch, device)
-        result["unet_in_memory"] = {"images_per_s": round(unet), "of_ceiling": share(unet, "unet"),
-                                    "training_gflop_per_image": round(flops["unet"] / 1e9, 2)}  # fmt: skip
-        result["embed_images_per_s"] = round(embed_rate(last_run, shards, device, min(8, cores)))
-    result["faiss"] = faiss_figures(scale, device)
-    result["seconds"] = round(time.perf_counter() - started)
-    return result
+                def shard_training(decode: str = decode, workers: int = workers) -> dict[str, Any]:
+                    figures = train_from_shards(tmp, shards, scale, decode, workers, f"{decode}-{workers}")
+                    runs.append(figures["run"])
+                    rate, memory = figures["images_per_s"], record.stages["in_memory"].get("images_per_s")
+                    return {"images_per_s": round(rate), "of_ceiling": share(rate),
+                            "stall_vs_in_memory": round(max(0.0, 1 - rate / memory), 3) if memory else None,
+                            "input_wait_fraction": round(figures["input_wait_fraction"], 3)}  # fmt: skip
+
+                record.run(f"train_decode_{decode}_workers_{workers}", shard_training, needs=("photos",))
+        record.run("augment", lambda: {k: round(v) for k, v in augmentation_rates(scale, device).items()})
+
+        def decoding() -> dict[str, Any]:
+            rates = {k: round(v, 1) for k, v in decode_rates(shards, scale, device).items()}
+            memory = record.stages["in_memory"].get("images_per_s")
+            if memory:  # loader cores that keep the in-memory rate fed
+                rates["cores_per_gpu_decode_cpu"] = round(memory / rates["cpu_core_images_per_s"], 1)
+                rates["cores_per_gpu_decode_gpu"] = round(memory / rates["tar_read_core_images_per_s"], 1)
+            return rates
+
+        record.run("decode", decoding, needs=("photos",))
+        record.run("unet_in_memory", in_memory("segmentation", scale.unet_batch, "unet"))
+
+        def embedding() -> dict[str, Any]:
+            if not runs:
+                raise SkipStage("no training stage finished, so there is no model to embed with")
+            return embed_rates(runs[-1], shards, scale, device, min(8, cores))
+
+        record.run("embed", embedding, needs=("photos",))
+        exact_path = tmp / "exact-neighbours.npy"
+        record.run("faiss_exact", lambda: faiss_in_child("flat", scale, device, exact_path))
+        record.run("faiss_ivfpq", lambda: faiss_in_child("ivfpq", scale, device, exact_path))
+    seconds = round(time.perf_counter() - started)
+    record.add("done", "ok", seconds=seconds)
+    record.close()
+    setup = record.stages["setup"]
+    return {"bench": "gpu", "date": setup["date"], "machine": setup["machine"], "device": setup["device"],
+            "seconds": seconds, "stages": record.stages}  # fmt: skip
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """One line a stage: its status, and its figures or the reason it has none."""
+    lines = [f"imret bench gpu, {result['date']}, {result['machine']} ({result['seconds']} s)"]
+    for stage, entry in result["stages"].items():
+        details = {k: v for k, v in entry.items() if k != "status"}
+        text = "  ".join(f"{k}={v}" for k, v in details.items())
+        lines.append(f"{stage:28s} {entry['status']:8s} {text}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # a FAISS stage's child: python -m imret.bench_gpu KIND GALLERY DIM QUERIES WHERE EXACT_PATH
+    kind_arg, gallery_arg, dim_arg, queries_arg, where_arg, exact_arg = sys.argv[1:]
+    print(json.dumps(faiss_stage(kind_arg, int(gallery_arg), int(dim_arg), int(queries_arg), where_arg, Path(exact_arg))))

@@ -162,6 +162,7 @@ def measure(url: str, bodies: list[tuple[bytes, str]], clients: int, seconds: fl
 
 def bench_index(tmp: Path, gallery: int) -> Path:
     """A real index directory: a small CNN trained for a step, `gallery` tiny JPEGs in shards, random vectors."""
+    import torch
     from PIL import Image
 
     from imret.data.build import build_shards
@@ -193,7 +194,7 @@ def bench_index(tmp: Path, gallery: int) -> Path:
     (out / "parts").mkdir(parents=True)
     labels = (rng.random((len(keys), len(classes))) < 0.3).astype(np.uint8)
     vectors = rng.normal(size=(len(keys), dim)).astype(np.float32)
-    write_part(out / "parts" / "all.npz", Part(keys, [labels], [vectors]), dim, len(classes))
+    write_part(out / "parts" / "all.npz", Part(keys, [labels], [torch.from_numpy(vectors)]), dim, len(classes))
     job = job_fingerprint(str(run), meta, None, None, manifest, "train", "cpu")
     merge_parts(out, [out / "parts" / "all.npz"], meta, job, manifest, "train", str(shards))
     build_and_save(out, device="cpu")

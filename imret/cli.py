@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 from imret.errors import ImretError, one_line
@@ -124,15 +125,21 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from imret import bench
 
+    out = Path(args.out) if args.out else None
     if args.what == "gpu":
         import torch
 
-        from imret.bench_gpu import run_gpu_bench
+        from imret.bench_gpu import format_summary, run_gpu_bench
 
         if not torch.cuda.is_available():
             raise ImretError("imret bench gpu measures a CUDA GPU, and this machine has none visible")
-        result = run_gpu_bench(torch.device("cuda"))
-    elif args.what == "scale":
+        # each stage's progress (and, under --json, the summary) on stderr: stdout holds only the JSON object
+        result = run_gpu_bench(torch.device("cuda"), out=out, echo=sys.stderr)
+        print(format_summary(result), file=sys.stderr if args.json else sys.stdout)
+        if args.json:
+            print(json.dumps(result, indent=1))
+        return
+    if args.what == "scale":
         from imret.bench_scale import bench_scale
 
         result = bench_scale(tuple(int(n) for n in args.sizes.split(",")))
@@ -142,7 +149,17 @@ def cmd_bench(args: argparse.Namespace) -> None:
         result = run_serve_bench(gallery=args.images or 100_000)
     else:
         result = bench.run(args.what, images=args.images or 2000, size=args.size, workers=args.workers)
+    if out:
+        out.write_text(json.dumps(result) + "\n")
     print(json.dumps(result, indent=1) if args.json else bench.format_result(result))
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from imret.doctor import as_json, format_checks, run_checks
+
+    checks = run_checks()
+    print(json.dumps(as_json(checks), indent=1) if args.json else format_checks(checks))
+    return 1 if any(check.status == "error" for check in checks) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,8 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--size", type=int, default=96, help="side of the images the loader yields")
     bench.add_argument("--workers", type=int, default=2)
     bench.add_argument("--sizes", default="100000,1000000,10000000", help="scale: gallery sizes, comma-separated")
-    bench.add_argument("--json", action="store_true")
+    bench.add_argument("--json", action="store_true", help="one JSON object on stdout (gpu: its summary on stderr)")
+    bench.add_argument("--out", metavar="FILE", help="also write the figures here as JSON lines (gpu: one a stage, "
+                       "as each is measured)")  # fmt: skip
     bench.set_defaults(func=cmd_bench)
+
+    doctor = commands.add_parser("doctor", help="check this machine: Python, torch, CUDA, GPUs, NCCL, nvJPEG, FAISS, ...")
+    doctor.add_argument("--json", action="store_true", help='{"checks": [{"name", "status", "detail", "fix"}]}')
+    doctor.set_defaults(func=cmd_doctor)
     return parser
 
 

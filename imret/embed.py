@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from imret.config import AugmentConfig, TrainConfig, recipe_from_dict
 from imret.data.augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, denormalise
-from imret.data.device_decode import check_decode_device, images_on_device, resolve_decode
+from imret.data.device_decode import check_decode_device, resolve_decode
+from imret.data.prefetch import DevicePrefetcher
 from imret.data.manifest import load_manifest, manifest_hash, sha256_file, write_json_atomic
 from imret.data.shards import ShardBatches, shard_files
 from imret.data.storage import is_remote, require_local
@@ -39,7 +40,7 @@ from imret.errors import ImretError
 from imret.keyfile import KeyFile, KeyWriter
 from imret.models import RetrievalNet, initialise_trunk, make_backbone
 from imret.parts import collect_parts
-from imret.system import usable_cores
+from imret.system import native_bf16, usable_cores
 
 log = logging.getLogger("imret.embed")
 IMAGENET_BASELINE = "imagenet-resnet18"  # the study's untrained ImageNet ResNet18, pooled features at 224 px
@@ -98,13 +99,18 @@ class Embedder(nn.Module):
         return self.net.embed(x).float()
 
 
-def embed_images(embedder: Embedder, images: torch.Tensor, masks: torch.Tensor | None = None) -> np.ndarray:
-    """A decoded uint8 batch [B, 3, load, load] on the embedder's device -> float32 embeddings [B, D]: the one
+def embed_on_device(embedder: Embedder, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+    """A decoded uint8 batch [B, 3, load, load] on the embedder's device -> float32 embeddings [B, D] there: the one
     path from pixels to vectors, shared by the embedding job and `imret search`/`serve` (which decode their
     images as the job did: the same decode path, at the model's load size). bf16 on GPUs that support it."""
-    bf16 = images.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = images.device.type == "cuda" and native_bf16()
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
-        return embedder(images, masks).cpu().numpy()
+        return embedder(images, masks)
+
+
+def embed_images(embedder: Embedder, images: torch.Tensor, masks: torch.Tensor | None = None) -> np.ndarray:
+    """embed_on_device, copied to the host."""
+    return embed_on_device(embedder, images, masks).cpu().numpy()
 
 
 class Masker(nn.Module):
@@ -156,13 +162,15 @@ def cache_masks(masker: Masker, shards: list[tuple[Path, int, int]], cache: Path
     if not missing:
         return
     cache.mkdir(parents=True, exist_ok=True)
-    pending: dict[int, list[np.ndarray]] = defaultdict(list)
-    for batch in batches_by_shard(missing, load_size, classes, batch_size, workers, device, decode):
+    pending: dict[int, list[torch.Tensor]] = defaultdict(list)  # on the device until a shard is complete
+    batches = DevicePrefetcher(batches_by_shard(missing, load_size, classes, batch_size, workers, device, decode),
+                               device, load_size, copy=())  # fmt: skip
+    for batch in batches:
         if batch["key"]:
-            pending[batch["shard"]].append(masker(images_on_device(batch, load_size, device)).cpu().numpy())
+            pending[batch["shard"]].append(masker(batch["image"]))
         if batch["last"]:
             masks = pending.pop(batch["shard"], [])
-            write_masks(mask_path(cache, missing[batch["shard"]][0]), np.concatenate(masks) if masks else np.zeros((0, 1, 1), np.uint8))
+            write_masks(mask_path(cache, missing[batch["shard"]][0]), torch.cat(masks).cpu().numpy() if masks else np.zeros((0, 1, 1), np.uint8))
 
 
 def job_fingerprint(source: str, meta: dict, seg_source: str | None, seg_meta: dict | None, manifest: dict, split: str,
@@ -238,11 +246,35 @@ def embed(source: str, shards: str | Path, split: str, mask_with: str | None = N
     todo = [f for f in mine if not (parts / f"{f[0].stem}.npz").is_file()]
     if masker:
         cache_masks(masker, todo, mask_cache, meta["load_size"], classes, state.device, batch_size, workers, decode)
+    rate = embed_shards(todo, embedder, masker, mask_cache, parts, meta, classes, batch_size, workers, state.device,
+                        decode, split, state.is_local_main_process)  # fmt: skip
+    state.wait_for_everyone()
+    collect_parts([parts / f"{f[0].stem}.npz" for f in files], state)
+    if state.is_main_process:
+        merge_parts(out, [parts / f"{f[0].stem}.npz" for f in files], meta, fingerprint, manifest, split, str(shards),
+                    rate)  # fmt: skip
+    state.wait_for_everyone()
+    return out
+
+
+def embed_shards(todo: list[tuple[Path, int, int]], embedder: Embedder, masker: Masker | None, mask_cache: Path | None,
+                 parts: Path, meta: dict[str, Any], classes: int, batch_size: int, workers: int, device: torch.device,
+                 decode: str, split: str, show_bar: bool) -> float | None:  # fmt: skip
+    """Embed this rank's unfinished shards, one part file each; returns the images per second after the first
+    batch (the job's own rate, without the loader's start), None when there was nothing to embed.
+
+    The next batch is read, copied (and decoded) on a side stream while this one is embedded; the vectors stay on
+    the device until their shard is complete, so no batch waits for a copy back to the host."""
     shard_masks: dict[int, np.ndarray] = {}  # the cached masks of the shards in flight, one entry per shard
-    bar = tqdm(total=sum(f[1] for f in todo), desc=f"embed {split}", unit="img", disable=not state.is_local_main_process)
-    start = time.perf_counter()
+    bar = tqdm(total=sum(f[1] for f in todo), desc=f"embed {split}", unit="img", disable=not show_bar)
     pending: dict[int, Part] = defaultdict(Part)
-    for batch in batches_by_shard(todo, meta["load_size"], classes, batch_size, workers, state.device, decode):
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # one batch shape but a shard's last: each tuned once
+    load_size = meta["load_size"]
+    batches = DevicePrefetcher(batches_by_shard(todo, load_size, classes, batch_size, workers, device, decode), device,
+                               load_size, copy=())  # fmt: skip
+    first, after_first = None, 0
+    for batch in batches:
         shard, part = todo[batch["shard"]], pending[batch["shard"]]
         if batch["key"]:
             done, count = len(part.keys), len(batch["key"])
@@ -255,22 +287,21 @@ def embed(source: str, shards: str | Path, split: str, mask_with: str | None = N
                     raise ImretError(f"{mask_path(mask_cache, shard[0])}: {len(cached)} cached masks, the shard yields "
                                      f"more images; delete that file to compute them again")  # fmt: skip
                 batch_masks = torch.from_numpy(cached[done : done + count])
-            images = images_on_device(batch, meta["load_size"], state.device)
-            part.vectors.append(embed_images(embedder, images, batch_masks))
+            part.vectors.append(embed_on_device(embedder, batch["image"], batch_masks))
             part.keys += batch["key"]
             part.labels.append(batch["labels"].numpy().astype(np.uint8))
+            if first is None:
+                first = time.perf_counter()
+            else:
+                after_first += count
             bar.update(count)
-            bar.set_postfix(img_s=f"{bar.n / (time.perf_counter() - start):.0f}")
         if batch["last"]:
             write_part(parts / f"{shard[0].stem}.npz", pending.pop(batch["shard"]), meta["embedding"]["dim"], classes)
             shard_masks.pop(batch["shard"], None)
     bar.close()
-    state.wait_for_everyone()
-    collect_parts([parts / f"{f[0].stem}.npz" for f in files], state)
-    if state.is_main_process:
-        merge_parts(out, [parts / f"{f[0].stem}.npz" for f in files], meta, fingerprint, manifest, split, str(shards))
-    state.wait_for_everyone()
-    return out
+    if first is None or not after_first:
+        return None
+    return after_first / max(time.perf_counter() - first, 1e-9)
 
 
 def start_job(out: Path, fingerprint: dict) -> None:
@@ -311,11 +342,11 @@ class NpyWriter:
 
 @dataclass
 class Part:
-    """One shard's embeddings, gathered batch by batch until its last batch arrives."""
+    """One shard's embeddings, gathered batch by batch until its last batch arrives (the vectors on the device)."""
 
     keys: list[str] = field(default_factory=list)
     labels: list[np.ndarray] = field(default_factory=list)
-    vectors: list[np.ndarray] = field(default_factory=list)
+    vectors: list[torch.Tensor] = field(default_factory=list)
 
 
 def write_part(path: Path, part: Part, dim: int, classes: int) -> None:
@@ -324,14 +355,14 @@ def write_part(path: Path, part: Part, dim: int, classes: int) -> None:
     with open(tmp, "wb") as handle:
         np.savez(handle, keys=np.array(part.keys, dtype=object).astype(str),
                  labels=np.concatenate(part.labels) if part.labels else np.zeros((0, classes), np.uint8),
-                 embeddings=np.concatenate(part.vectors) if part.vectors else np.zeros((0, dim), np.float32))  # fmt: skip
+                 embeddings=torch.cat(part.vectors).cpu().numpy() if part.vectors else np.zeros((0, dim), np.float32))  # fmt: skip
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
 def merge_parts(out: Path, part_paths: list[Path], meta: dict, fingerprint: dict, manifest: dict, split: str,
-                shards: str) -> None:  # fmt: skip
+                shards: str, images_per_s: float | None = None) -> None:  # fmt: skip
     """The parts, in manifest order, streamed into `embeddings.npy` (float32) and `labels.npy` (multi-hot uint8),
     which readers memory-map, and a key file (imret.keyfile), one part in memory at a time: RAM does not grow with
     the split. Each is written under a temporary name and renamed; `meta.json` comes last. A sample cannot come
@@ -361,6 +392,7 @@ def merge_parts(out: Path, part_paths: list[Path], meta: dict, fingerprint: dict
         "locations": {"model": absolute(fingerprint["model"]), "mask_with": absolute(fingerprint["mask_with"]),
                       "shards": absolute(shards)},  # for imret search and serve, started from anywhere
         "initialisation": meta["initialisation"], "classes": manifest["classes"],
+        "images_per_s": round(images_per_s, 1) if images_per_s else None,  # rank 0's, after its first batch
         "shards_manifest_hash": fingerprint["shards_manifest_hash"], "job": fingerprint,
     })  # fmt: skip
     log.info("%s: %d embeddings of dimension %d (%s layer)", out, total, dim, meta["embedding"]["layer"])

@@ -95,12 +95,10 @@ def ensure_lookups(emb_dir: Path, meta: dict[str, Any]) -> None:
 
 
 def to_devices(index: Any, device: str) -> Any:
-    """A loaded (CPU) index spread over every GPU when `device` asks for them and there are some."""
-    from imret.retrieval import _faiss, gpu_count
+    """A loaded (CPU) flat index spread over every GPU when `device` asks for them and there are some."""
+    from imret.faiss_build import gpu_count, load_faiss
+    from imret.retrieval import cloner_options
 
-    if not gpu_count(device):
+    if not gpu_count(device, "flat", index.d):
         return index
-    faiss = _faiss()
-    options = faiss.GpuMultipleClonerOptions()
-    options.shard, options.common_ivf_quantizer, options.useFloat16LookupTables = True, True, True
-    return faiss.index_cpu_to_all_gpus(index, co=options)
+    return load_faiss().index_cpu_to_all_gpus(index, co=cloner_options(float16=False))

@@ -8,6 +8,7 @@ evaluation: slower than one matrix product), so imret lowers that threshold and 
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
 from pathlib import Path
@@ -17,74 +18,36 @@ import numpy as np
 
 from imret.data.manifest import write_json_atomic
 from imret.errors import ImretError
+from imret.faiss_build import gpu_count, load_faiss, set_declared
 from imret.metrics import label_iou
 
+log = logging.getLogger("imret.retrieval")
 RELEVANT_IOU = 0.5  # a retrieved image is relevant when its label IoU with the query reaches this
 PQ_MIN_TRAIN = 39 * 256  # 39 training points for each of the 256 centroids of every 8-bit PQ codebook
 TRAIN_PER_LIST, TRAIN_MAX = 64, 1 << 18  # IVF-PQ trains on a seeded sample of at most this many vectors
 ADD_CHUNK = 1 << 16  # vectors copied to the index at a time: the gallery is never converted whole
-FAISS_BUILDS = ("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss-gpu")
-GPU_FIX = "pip uninstall -y faiss-cpu && pip install -e '.[gpu]' (FAISS with CUDA kernels)"
-
-
-def _faiss():
-    builds = installed_faiss_builds()
-    if len(builds) > 1:  # the later install overwrote the other's files; uninstalling either breaks both
-        raise ImretError(f"two FAISS builds share the `faiss` module ({', '.join(f'{n} {v}' for n, v in builds)}): "
-                         f"keep one: pip uninstall -y {' '.join(n for n, _ in builds)} && pip install -e '.[gpu]' "
-                         f"(or '.[cpu]')")  # fmt: skip
-    try:
-        import faiss
-    except ImportError:
-        raise ImretError("FAISS is not installed: pip install -e '.[cpu]', or '.[gpu]' on a machine with NVIDIA GPUs") from None
-    faiss.cvar.distance_compute_blas_threshold = 1  # always the BLAS path on the CPU
-    return faiss
-
-
-def installed_faiss_builds() -> list[tuple[str, str]]:
-    """(distribution, version) of each installed FAISS build."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = []
-    for name in FAISS_BUILDS:
-        try:
-            found.append((name, version(name)))
-        except PackageNotFoundError:
-            pass
-    return found
-
-
-def gpu_count(device: str = "auto") -> int:
-    """The GPUs FAISS will use for `device` (auto|gpu|cpu). A machine whose CUDA GPUs this FAISS cannot use is an
-    error with the fix, not a silent fall back to the CPU; `--device cpu` chooses the CPU on purpose."""
-    faiss = _faiss()
-    if device == "cpu":
-        return 0
-    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    if gpus == 0:
-        import torch
-
-        if torch.cuda.is_available():
-            builds = ", ".join(f"{n} {v}" for n, v in installed_faiss_builds())
-            raise ImretError(f"this machine has CUDA GPUs and the installed FAISS ({builds}) "
-                             f"cannot use them: {GPU_FIX}; or choose the CPU with --device cpu (study.faiss_device: cpu)")  # fmt: skip
-        if device == "gpu":
-            raise ImretError(f"--device gpu: no GPU is visible to FAISS here; {GPU_FIX}")
-    return gpus
+# GPU IVF-PQ (faiss/gpu/impl/IVFPQ.cu, GpuIndexIVFPQ.cu): the sub-quantizer counts it has kernels for, 8-bit codes
+# only, and lookup tables (2^8 entries a sub-quantizer; float16 here, 2 bytes) that must fit the 48 KiB of shared
+# memory a block gets (cudaDeviceProp.sharedMemPerBlock): float32 tables would stop at 48 sub-quantizers
+GPU_PQ_SUBQUANTIZERS = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
+GPU_SHARED_MEMORY = 48 * 1024
+PQ_BITS, PQ_MAX_BYTES = 8, 64  # 8-bit codes, at most 64 bytes a vector
 
 
 def build_index(embeddings: np.ndarray, kind: str = "flat", device: str = "auto", nlist: int | None = None,
-                pq_m: int | None = None, float16: bool = False, seed: int = 0) -> Any:  # fmt: skip
+                pq_m: int | None = None, float16: bool = False, seed: int = 0, probe: bool = True) -> Any:  # fmt: skip
     """Exact search (IndexFlatL2; with float16, half the memory and distances rounded to half precision) or
     IVF-PQ, on every GPU (the gallery sharded across them) when FAISS has GPU support, else on the CPU.
 
     IVF-PQ trains once, on a seeded sample of at most TRAIN_MAX vectors, before the index is spread over the
     GPUs, so every shard shares one coarse quantizer (and the shards merge back into one index to save it);
-    on the GPU its lookup tables are float16, which 64 sub-quantizers need to fit in shared memory. The
-    vectors are added ADD_CHUNK at a time, so a memory-mapped gallery is never copied whole."""
-    faiss = _faiss()
+    its coarse k-means runs on the GPUs, in a temporary GPU index freed after training. On the GPU its lookup
+    tables are float16 (a sub-quantizer count the GPU has no kernel for is trained and searched on the CPU,
+    said in one line). The vectors are added ADD_CHUNK at a time, so a memory-mapped gallery is never copied
+    whole. `probe=False` only in the GPU probe's own child process (imret.faiss_build)."""
+    faiss = load_faiss()
     n, dim = embeddings.shape
-    gpus = gpu_count(device)
+    gpus = gpu_count(device, kind, dim, probe)
     if kind == "flat":
         index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16) if float16 and not gpus else faiss.IndexFlatL2(dim)
         if not gpus:  # room for every vector up front: a vector grown chunk by chunk would briefly hold two copies
@@ -95,26 +58,55 @@ def build_index(embeddings: np.ndarray, kind: str = "flat", device: str = "auto"
             raise ImretError(f"ivfpq needs at least {PQ_MIN_TRAIN} embeddings to train, got {n}; use --kind flat "
                              f"(exact search is fast at this size)")  # fmt: skip
         nlist = nlist or max(1, min(4096, int(4 * np.sqrt(n)), n // 39))
-        pq_m = pq_m or max(m for m in (1, 2, 4, 8, 16, 32, 64) if dim % m == 0 and m <= max(1, dim // 2))
-        index = faiss.IndexIVFPQ(faiss.IndexFlatL2(dim), dim, nlist, pq_m, 8)
+        pq_m = pq_m or pq_subquantizers(dim)
+        if gpus and not gpu_pq_supported(dim, pq_m):
+            log.warning("IVF-PQ with %d sub-quantizers of %d-d vectors has no GPU kernel: trained and searched on "
+                        "the CPU", pq_m, dim)  # fmt: skip
+            gpus = 0
+        index = faiss.IndexIVFPQ(faiss.IndexFlatL2(dim), dim, nlist, pq_m, PQ_BITS)
         index.nprobe = min(nlist, 16)
-        if gpus:  # the coarse k-means, the costly part of training, runs on the GPUs
-            index.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(dim))
-        index.train(training_sample(embeddings, min(n, max(PQ_MIN_TRAIN, TRAIN_PER_LIST * nlist), TRAIN_MAX), seed))
+        sample = training_sample(embeddings, min(n, max(PQ_MIN_TRAIN, TRAIN_PER_LIST * nlist), TRAIN_MAX), seed)
+        if gpus:  # the coarse k-means, the costly part of training, on the GPUs; freed (memory, streams) after
+            clustering = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(dim))
+            index.clustering_index = clustering
+            try:
+                index.train(sample)
+            finally:
+                index.clustering_index = None
+                del clustering
+        else:
+            index.train(sample)
     else:
         raise ImretError(f"unknown index kind '{kind}': flat or ivfpq")
     if gpus:
-        options = faiss.GpuMultipleClonerOptions()
-        options.shard = True  # split the gallery across GPUs rather than copying it to each
-        options.common_ivf_quantizer = True  # IVF: the trained quantizer is shared; only the lists are sharded
-        options.useFloat16LookupTables = True
-        options.useFloat16 = float16
-        index = faiss.index_cpu_to_all_gpus(index, co=options)
+        index = faiss.index_cpu_to_all_gpus(index, co=cloner_options(float16 or kind == "ivfpq"))
         if kind == "ivfpq":
             faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", min(nlist, 16))
     for start in range(0, n, ADD_CHUNK):
         index.add(np.ascontiguousarray(read_rows(embeddings, start, start + ADD_CHUNK), dtype=np.float32))
     return index
+
+
+def cloner_options(float16: bool) -> Any:
+    """How an index is spread over the GPUs: the gallery sharded across them rather than copied to each; an IVF
+    index's trained quantizer shared and only its lists sharded. `useFloat16` stores flat vectors in half
+    precision and, for IVF-PQ, makes its lookup tables float16 (the cloner has no separate field for those)."""
+    faiss = load_faiss()
+    return set_declared(faiss.GpuMultipleClonerOptions(), shard=True, common_ivf_quantizer=True, useFloat16=float16)
+
+
+def pq_subquantizers(dim: int) -> int:
+    """The most sub-quantizers (bytes a vector, at most PQ_MAX_BYTES) that divide `dim` into sub-vectors of at least
+    2 dimensions, among those the GPU has kernels for unless that would halve the code (a 106-d vector: 53 bytes on
+    the CPU rather than 2 on the GPU)."""
+    fitting = [m for m in range(1, PQ_MAX_BYTES + 1) if dim % m == 0 and m <= max(1, dim // 2)]
+    on_gpu = max(m for m in fitting if gpu_pq_supported(dim, m))  # 1 always is
+    return on_gpu if 2 * on_gpu >= max(fitting) else max(fitting)
+
+
+def gpu_pq_supported(dim: int, pq_m: int) -> bool:
+    """Whether GpuIndexIVFPQ takes `pq_m` sub-quantizers of `dim`-d vectors with 8-bit codes and float16 tables."""
+    return dim % pq_m == 0 and pq_m in GPU_PQ_SUBQUANTIZERS and 2 * pq_m * 2**PQ_BITS <= GPU_SHARED_MEMORY
 
 
 def training_sample(embeddings: np.ndarray, size: int, seed: int) -> np.ndarray:
@@ -153,7 +145,7 @@ def exact_neighbours(gallery_emb: np.ndarray, query_emb: np.ndarray, k: int, dev
                      chunk: int = 1 << 20) -> np.ndarray:  # fmt: skip
     """The exact top-k gallery rows of each query, nearest first: the gallery indexed `chunk` rows at a time and
     the results merged, so a memory-mapped gallery is never held whole beside another index."""
-    faiss = _faiss()
+    faiss = load_faiss()
     heap = faiss.ResultHeap(len(query_emb), k)
     queries = np.ascontiguousarray(query_emb, dtype=np.float32)
     for start in range(0, len(gallery_emb), chunk):
@@ -171,7 +163,7 @@ def save_index(index: Any, path: str | Path, sidecar: dict[str, Any]) -> None:
     """The index under a temporary name (a GPU index moved to the CPU first, which also merges its shards),
     written through Python so that a full disk raises rather than only printing an error, flushed to disk and
     renamed; then its sidecar JSON, last: an index without a sidecar is never loaded."""
-    faiss = _faiss()
+    faiss = load_faiss()
     path = Path(path)
     if on_gpus(index):
         index = faiss.index_gpu_to_cpu(index)
@@ -194,7 +186,7 @@ def save_index(index: Any, path: str | Path, sidecar: dict[str, Any]) -> None:
 def on_gpus(index: Any) -> bool:
     """Whether FAISS holds the index on GPUs: one GPU index, or the shards `index_cpu_to_all_gpus` spreads over
     several (imret builds no CPU shards). Asked before moving an index to the CPU, which copies even a CPU index."""
-    faiss = _faiss()
+    faiss = load_faiss()
     return type(index).__name__.startswith("Gpu") or isinstance(index, (faiss.IndexShards, faiss.IndexReplicas))
 
 
@@ -203,7 +195,7 @@ def load_index(path: str | Path, expect: dict[str, Any] | None = None) -> tuple[
     (float32 or float16) is memory-mapped, not read: it opens at once whatever its size, its pages are the page
     cache's (read as searched, shared by every process that opens it), and it is read-only (nothing adds to a
     loaded index). IVF-PQ, 64 bytes a vector, is read."""
-    faiss = _faiss()
+    faiss = load_faiss()
     path = Path(path)
     sidecar_path = path.with_name(f"{path.name}.json")
     if not path.is_file() or not sidecar_path.is_file():

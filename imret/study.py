@@ -112,11 +112,12 @@ def run_study(study: StudyRecipe) -> Path:
     from accelerate.utils import parse_flag_from_env
 
     from imret.embed import IMAGENET_BASELINE, embed
-    from imret.retrieval import gpu_count
+    from imret.faiss_build import gpu_count
     from imret.train import train
 
     out = Path(study.study.out)
-    gpu_count(study.study.faiss_device)  # a missing or CPU-only FAISS on a GPU machine: said now, not after training
+    # a missing or CPU-only FAISS on a GPU machine, or one without kernels for its GPUs: said now, not after training
+    gpu_count(study.study.faiss_device)
     ensure_shards(study)
     # queries from a held-out test split when the build has one; else from validation, which also chose each
     # model's epoch and threshold (the report says which)

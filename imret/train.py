@@ -42,6 +42,7 @@ from imret.errors import ImretError
 from imret.monitor import Monitor, wandb_mode
 from imret.optim import Schedule, effective_lr, make_optimizer, zero_momentum
 from imret.step import NonfiniteGuard, RunningStats, TrainingError
+from imret.system import native_bf16
 from imret.tasks import Task, make_task
 
 log = logging.getLogger("imret.train")
@@ -89,6 +90,7 @@ def train(recipe: Recipe, debug: bool = False) -> Path:
     model = task.build_model()
     if accelerator.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True  # training batches have one shape (drop_last): tuned once
     global_batch = recipe.data.batch_size_per_device * accelerator.num_processes * recipe.train.grad_accum_steps
     optimizer = make_optimizer(model.parameters(), recipe.optim, effective_lr(recipe.optim, global_batch))
     scheduler = Schedule(optimizer, recipe.optim, optimizer_steps(train_loader, recipe, debug))
@@ -232,7 +234,7 @@ def resolve_precision(configured: str) -> str | None:
         return configured
     if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
         return None
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if native_bf16() else "no"
 
 
 def make_accelerator(recipe: Recipe, mode: str) -> Accelerator:

@@ -27,17 +27,45 @@ def test_the_gpu_benchmark_refuses_a_machine_without_cuda_in_one_line(capsys):
     assert err == ["imret: error: imret bench gpu measures a CUDA GPU, and this machine has none visible"]
 
 
-def test_the_gpu_benchmark_code_runs_at_toy_size_on_the_cpu():
-    """Every stage of `imret bench gpu` (the worker-decoding runs only: nvJPEG needs CUDA), so the one run a
-    lent GPU gets does not die on a typo."""
-    from imret.bench_gpu import TINY, run_gpu_bench
+def test_the_gpu_benchmark_code_runs_at_toy_size_on_the_cpu(tmp_path):
+    """Every stage of `imret bench gpu` (the worker-decoding runs only: nvJPEG needs CUDA), so the one run a lent
+    GPU gets does not die on a typo; each stage is in the JSON-lines file as soon as it is measured."""
+    import io
+    import json
 
-    result = run_gpu_bench(torch.device("cpu"), TINY, cpu_workers=[1])
-    assert set(result["shards"]) == {"decode_cpu_workers_1"}
-    for figures in (result["in_memory"], result["shards"]["decode_cpu_workers_1"], result["unet_in_memory"]):
-        assert figures["images_per_s"] > 0 and figures["of_ceiling"] > 0
-    assert result["decode"]["cpu_core_images_per_s"] > 0 and result["embed_images_per_s"] > 0
-    assert 0.5 < result["faiss"]["ivfpq_recall_at_10"] <= 1.0
+    from imret.bench_gpu import TINY, format_summary, run_gpu_bench
+
+    out, echo = tmp_path / "figures.jsonl", io.StringIO()
+    result = run_gpu_bench(torch.device("cpu"), TINY, cpu_workers=[1], out=out, echo=echo)
+    stages = result["stages"]
+    assert {name: entry["status"] for name, entry in stages.items() if entry["status"] != "ok"} == {}
+    assert [json.loads(line)["stage"] for line in out.read_text().splitlines()] == list(stages)
+    for name in ("in_memory", "train_decode_cpu_workers_1", "unet_in_memory"):
+        assert stages[name]["images_per_s"] > 0 and stages[name]["of_ceiling"] > 0
+    assert stages["decode"]["cpu_core_images_per_s"] > 0 and stages["embed"]["embed_images_per_s"] > 0
+    assert stages["embed"]["forward_only_images_per_s"] > 0 and stages["embed"]["embed_vs_forward"] > 0
+    assert stages["faiss_exact"]["device"] == "cpu" and 0.5 < stages["faiss_ivfpq"]["recall_at_10"] <= 1.0
+    assert "faiss_ivfpq" in format_summary(result) and "bench gpu: faiss_ivfpq: ok" in echo.getvalue()
+
+
+def test_a_failing_gpu_benchmark_stage_is_recorded_and_the_rest_goes_on(tmp_path):
+    """A stage that raises is an error entry with its message; one that needs it is skipped with the reason; the
+    lines written before stay."""
+    import io
+    import json
+
+    from imret.bench_gpu import Recorder
+
+    out = tmp_path / "figures.jsonl"
+    record = Recorder(out, io.StringIO())
+    record.run("first", lambda: {"images_per_s": 10})
+    record.run("photos", lambda: 1 / 0)
+    record.run("train", lambda: {"images_per_s": 5}, needs=("photos",))
+    record.close()
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines == [{"stage": "first", "status": "ok", "images_per_s": 10},
+                     {"stage": "photos", "status": "error", "error": "ZeroDivisionError: division by zero"},
+                     {"stage": "train", "status": "skipped", "reason": "needs the photos stage"}]  # fmt: skip
 
 
 def test_the_scale_benchmark_runs_every_stage_in_its_own_process(tmp_path):

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-from scipy.stats import wilcoxon
 
 from imret.errors import ImretError
 from imret.retrieval import (build_index, exact_neighbours, ideal_gains, load_index, random_baseline, random_neighbours,
@@ -186,17 +185,17 @@ def test_a_gpu_machine_without_gpu_faiss_is_told_the_fix(monkeypatch):
     --device cpu is the deliberate way to search on the CPU. Two FAISS builds at once are refused too."""
     import torch
 
-    import imret.retrieval as retrieval
+    import imret.faiss_build as faiss_build
 
-    if retrieval._faiss().get_num_gpus() > 0:
+    if faiss_build.load_faiss().get_num_gpus() > 0:
         pytest.skip("this FAISS has GPU support")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ImretError, match=r"cannot use them: pip uninstall -y faiss-cpu && pip install -e '\.\[gpu\]'"):
-        retrieval.gpu_count("auto")
-    assert retrieval.gpu_count("cpu") == 0
-    monkeypatch.setattr(retrieval, "installed_faiss_builds", lambda: [("faiss-cpu", "1.15.1"), ("faiss-gpu-cu12", "1.14.1")])
+        faiss_build.gpu_count("auto")
+    assert faiss_build.gpu_count("cpu") == 0
+    monkeypatch.setattr(faiss_build, "installed_faiss_builds", lambda: (("faiss-cpu", "1.15.1"), ("faiss-gpu-cu12", "1.14.1")))
     with pytest.raises(ImretError, match=r"two FAISS builds share the `faiss` module .*pip uninstall -y faiss-cpu faiss-gpu-cu12"):
-        retrieval.gpu_count("cpu")
+        faiss_build.gpu_count("cpu")
 
 
 def exact_signed_rank_p(diff: np.ndarray) -> float:

@@ -239,6 +239,29 @@ def test_search_and_serve_refuse_mismatches_and_bad_images_in_one_line(study, tm
         assert len(err.strip().splitlines()) == 1 and err.startswith("imret: error: ") and message in err, err
 
 
+def test_a_gallery_decodes_queries_by_the_path_its_embedding_job_used(study, tmp_path):
+    """The wiring, not only decode_query: a gallery embedded with data.decode gpu hands its queries to the device
+    path's decoder and resize, one embedded by the loader workers to PIL's (a photo larger than the load size,
+    where the two differ)."""
+    import io
+
+    from imret.data.synth import render_scene
+    from imret.search import decode_query
+
+    copied = shutil.copytree(index_dir(study, "classifier", "original"), tmp_path / "index")
+    buffer = io.BytesIO()
+    Image.fromarray(render_scene(0, 5, 96)[0]).save(buffer, format="JPEG", quality=90)
+    photo = buffer.getvalue()
+    on_cpu = Gallery(copied, masked=False)
+    size = on_cpu.meta["load_size"]
+    assert on_cpu.sidecar["job"]["decode"] == "cpu" and torch.equal(on_cpu.decode(photo), decode_query(photo, size, "cpu"))
+    sidecar = sidecar_of(copied)
+    (copied / "index.faiss.json").write_text(json.dumps({**sidecar, "job": {**sidecar["job"], "decode": "gpu"}}))
+    on_device = Gallery(copied, masked=False)
+    assert torch.equal(on_device.decode(photo), decode_query(photo, size, "gpu"))
+    assert not torch.equal(on_device.decode(photo), on_cpu.decode(photo))
+
+
 def test_queries_waiting_together_are_embedded_in_one_pass_and_answered_alike(study, train_members):
     gallery = Gallery(index_dir(study, "rotation", "masked"), masked=True)
     keys = keys_of(gallery.dir)

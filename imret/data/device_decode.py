@@ -52,14 +52,24 @@ def decode_batch(encoded: list[torch.Tensor], keys: list[str], size: int, device
     jpegs = [i for i, item in enumerate(encoded) if item.dim() == 1]
     out: list[torch.Tensor | None] = [None] * len(encoded)
     decoded = decode_jpegs([encoded[i] for i in jpegs], [keys[i] for i in jpegs], device)
-    for i, image in zip(jpegs, decoded):
-        out[i] = resize(image, size)
+    for positions, resized in resize_by_shape(decoded, size):
+        for position, image in zip(positions, resized):
+            out[jpegs[position]] = image
     if len(jpegs) < len(encoded):
         say_once("data.decode: gpu: PNG and WebP samples are decoded on the CPU by the loader workers")
     for i, item in enumerate(encoded):
         if item.dim() == 3:
             out[i] = item.to(device, non_blocking=True)
     return torch.stack(out)
+
+
+def resize_by_shape(images: list[torch.Tensor], size: int) -> list[tuple[list[int], torch.Tensor]]:
+    """The images resized to size x size, those of one shape in one call (photos of a dataset often share a
+    few shapes): [(their positions in `images`, uint8 [n, 3, size, size])]."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for position, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(position)
+    return [(positions, resize(torch.stack([images[p] for p in positions]), size)) for positions in groups.values()]
 
 
 def decode_jpegs(data: list[torch.Tensor], keys: list[str], device: torch.device) -> list[torch.Tensor]:
@@ -71,6 +81,11 @@ def decode_jpegs(data: list[torch.Tensor], keys: list[str], device: torch.device
 
     if not data:
         return []
+    if device.type == "cuda":
+        # torchvision allocates the outputs on the current stream but nvJPEG writes them on a stream of its own that
+        # does not wait for this one (pytorch/vision#9606): memory freed by kernels still queued here (the previous
+        # batch's resize) could be handed out and overwritten under them. Drain the queue first.
+        torch.cuda.current_stream(device).synchronize()
     with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec; its batched nvJPEG call still works
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
@@ -93,10 +108,13 @@ def decode_jpegs(data: list[torch.Tensor], keys: list[str], device: torch.device
         return images
 
 
-def resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    """To size x size, bilinear with antialiasing, as uint8. Close to the CPU path, not equal: PIL first decodes
-    a large JPEG at a reduced DCT scale (`draft`), then resizes (0-5 grey levels apart on average)."""
-    if image.shape[-2:] == (size, size):
-        return image
-    resized = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return resized[0].round_().clamp_(0, 255).to(torch.uint8)
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """[3, H, W] or [N, 3, H, W] uint8 to size x size, bilinear with antialiasing. Close to the CPU path, not equal:
+    PIL first decodes a large JPEG at a reduced DCT scale (`draft`), then resizes (0-5 grey levels apart on
+    average)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    batch = images if images.dim() == 4 else images[None]
+    resized = F.interpolate(batch.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    resized = resized.round_().clamp_(0, 255).to(torch.uint8)
+    return resized if images.dim() == 4 else resized[0]
