@@ -11,10 +11,13 @@ embed:  `imret embed` of the train split against a plain loop that opens, resize
         process; both warmed up first, and the largest difference between their embeddings is reported.
 faiss:  exact k-NN of 500 queries against a gallery: FAISS with its default BLAS threshold (a scan per query
         below it), FAISS as imret configures it, and a plain torch matmul + topk.
+build:  `imret shards build` of the same photos with the local process pool and with Ray on the same cores,
+        Ray's start-up outside its timing: Ray's per-task overhead against the plain pool.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import tempfile
 import time
@@ -279,7 +282,57 @@ def plain_embeddings(net: torch.nn.Module, files: list[Path], load_size: int, si
     return np.concatenate(vectors)
 
 
-BENCHES = {"loader": bench_loader, "train": bench_train, "embed": bench_embed, "faiss": bench_faiss}
+def bench_build(images: int, size: int, workers: int, samples_per_shard: int = 100) -> dict[str, Any]:
+    """`imret shards build` of the same source with the local engine (a process pool of `workers`) and with Ray (a
+    local instance of `workers` CPUs, one task a shard), one after the other. Ray's start-up (the instance, and its
+    worker processes importing imret: one warm-up task a CPU) is done before its timing starts."""
+    from imret.data.build import build_shards
+    from imret.data.ray_build import connect
+
+    workers = max(1, workers)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        source = _upscaled_copy(_synth_source(tmp, images), tmp / "photos", size)
+        common = dict(val_fraction=0.1, samples_per_shard=samples_per_shard)
+        start = time.perf_counter()
+        build_shards(source, "folder", tmp / "local", workers=workers, **common)
+        local_s = time.perf_counter() - start
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        import ray
+
+        started = time.perf_counter()
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        try:
+            warm = ray.remote(num_cpus=1)(_import_builder)
+            ray.get([warm.remote() for _ in range(workers)])
+            ray_start_s = time.perf_counter() - started
+            connect(None)  # the instance above
+            start = time.perf_counter()
+            build_shards(source, "folder", tmp / "ray", engine="ray", **common)
+            ray_s = time.perf_counter() - start
+        finally:
+            ray.shutdown()
+        same = all((tmp / "local" / p.name).read_bytes() == p.read_bytes() for p in (tmp / "ray").glob("*.tar"))
+    return {"bench": "build", "date": date.today().isoformat(), "machine": machine(), "images": images,
+            "side": size, "samples_per_shard": samples_per_shard, "workers": workers,
+            "local_images_per_s": round(images / local_s, 1), "ray_images_per_s": round(images / ray_s, 1),
+            "ray_vs_local": round(local_s / ray_s, 3), "ray_start_s": round(ray_start_s, 1), "same_shards": same}  # fmt: skip
+
+
+def _synth_source(tmp: Path, images: int) -> Path:
+    from imret.data.synth import write_synth
+
+    return write_synth(tmp / "synth", images=images, size=96, seed=0)
+
+
+def _import_builder() -> bool:
+    import imret.data.build  # noqa: F401 (what every shard task imports first)
+
+    return True
+
+
+BENCHES = {"loader": bench_loader, "train": bench_train, "embed": bench_embed, "faiss": bench_faiss,
+           "build": bench_build}  # fmt: skip
 
 
 def run(what: str, **kwargs: Any) -> dict[str, Any]:

@@ -31,7 +31,8 @@ def cmd_shards_build(args: argparse.Namespace) -> None:
                             test_fraction=args.test_fraction, seed=args.seed,
                             samples_per_shard=args.samples_per_shard, max_side=args.max_side,
                             workers=args.workers, overwrite=args.overwrite, strict=args.strict,
-                            require_masks=args.require_masks)  # fmt: skip
+                            require_masks=args.require_masks, engine=args.engine, address=args.address,
+                            retries=args.retries, verify=args.verify)  # fmt: skip
     splits = manifest["splits"]
     counts = ", ".join(f"{splits[s]['samples']} {s}" for s in splits if s != "test" or splits[s]["samples"])
     print(f"{args.out}: {counts} samples in {sum(len(split['shards']) for split in splits.values())} shards; "
@@ -186,7 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     build.add_argument("--samples-per-shard", type=int, default=1000)
     build.add_argument("--max-side", type=int, default=None, metavar="PX", help="downscale larger images")
-    build.add_argument("--workers", type=int, default=None, help="decoding processes (default: every core this process may use)")
+    build.add_argument("--workers", type=int, default=None,
+                       help="--engine local: processes, each writing one shard at a time (default: every core this process may use)")
+    build.add_argument("--engine", choices=["local", "ray"], default="local",
+                       help="local: this machine's process pool; ray: one task a shard on a Ray cluster (pip install -e '.[ray]')")
+    build.add_argument("--address", metavar="HOST:PORT", help="--engine ray: the cluster to join (default: RAY_ADDRESS, "
+                       "else a local Ray instance)")  # fmt: skip
+    build.add_argument("--retries", type=int, default=3, help="tries a failed shard gets again before the build stops")
+    build.add_argument("--verify", action="store_true", help="re-hash finished shards before skipping them (default: sizes)")
     build.add_argument("--overwrite", action="store_true", help="replace a finished build in DIR")
     build.add_argument("--strict", action="store_true", help="fail, writing no manifest, if any sample is rejected")
     build.add_argument("--require-masks", action="store_true", help="reject samples that have no mask")
@@ -264,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     bench = commands.add_parser("bench", help="measure throughput against a plain baseline")
-    bench.add_argument("what", choices=["loader", "train", "embed", "faiss", "gpu", "scale", "serve"],
+    bench.add_argument("what", choices=["loader", "train", "embed", "faiss", "build", "gpu", "scale", "serve"],
                        help="gpu: every GPU figure in one run, under 5 minutes (its sizes are fixed); scale: merge, "
                             "index, score and opening the index (memory-mapped, and read whole) at growing gallery "
                             "sizes, time and memory; serve: imret serve under 1, 8 and 32 concurrent clients")  # fmt: skip

@@ -57,10 +57,13 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18"
-    init: Literal["scratch", "imagenet", "run"] = "scratch"
-    weights: str | None = None  # a local ImageNet weights file, or the run directory for init: run
-    embedding_dim: int = field(default=128, metadata=bounds(2, 8192))  # triplet head
+    backbone: str = "resnet18"  # resnet18 | small-cnn | timm:<any timm model name>
+    # pretrained: the backbone's published weights (torchvision's for resnet18, timm's for timm:<name>), read from
+    # model.weights or a local cache, never downloaded in the run; imagenet is the same thing; run: another run's
+    init: Literal["scratch", "imagenet", "pretrained", "run"] = "scratch"
+    weights: str | None = None  # a local weights file (.safetensors, .pth), or the run directory for init: run
+    embedding_dim: int = field(default=128, metadata=bounds(2, 8192))  # metric-learning head (task.name: triplet)
+    grad_checkpointing: bool = False  # timm backbones: recompute activations in the backward pass, for large models
 
 
 @dataclass
@@ -73,6 +76,61 @@ class TaskConfig:
     margin_start: float = field(default=0.1, metadata=bounds(0.0, lo_open=True))
     margin_end: float = field(default=1.0, metadata=bounds(0.0, lo_open=True))
     margin_epochs: int = field(default=10, metadata=bounds(1))
+    # metric-learning validation: a seeded sample of at most val_sample images, its pairs mined in chunks
+    val_sample: int = field(default=4096, metadata=bounds(2))
+    val_chunk: int = field(default=256, metadata=bounds(2))
+
+
+# loss.name -> the loss.* parameters it reads; None in the recipe means the loss's own default (LOSS_DEFAULTS)
+LOSS_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "triplet": (), "multi_similarity": ("alpha", "beta", "base"), "contrastive": ("pos_margin", "neg_margin"),
+    "supcon": ("temperature",), "ntxent": ("temperature",), "circle": ("margin", "gamma"),
+    "proxy_anchor": ("margin", "alpha"), "arcface": ("margin", "scale", "sub_centers"),
+    "subcenter_arcface": ("margin", "scale", "sub_centers"),
+}  # fmt: skip
+LOSS_DEFAULTS: dict[str, dict[str, float | int]] = {  # pytorch-metric-learning's defaults
+    "multi_similarity": {"alpha": 2.0, "beta": 50.0, "base": 0.5}, "contrastive": {"pos_margin": 0.0, "neg_margin": 1.0},
+    "supcon": {"temperature": 0.1}, "ntxent": {"temperature": 0.1}, "circle": {"margin": 0.4, "gamma": 80.0},
+    "proxy_anchor": {"margin": 0.1, "alpha": 32.0}, "arcface": {"margin": 28.6, "scale": 64.0, "sub_centers": 1},
+    "subcenter_arcface": {"margin": 28.6, "scale": 64.0, "sub_centers": 3},
+}  # fmt: skip
+MINER_PARAMETERS: dict[str, tuple[str, ...]] = {"none": (), "multi_similarity": ("miner_epsilon",),
+                                                 "pair_margin": ("miner_pos_margin", "miner_neg_margin")}  # fmt: skip
+MINER_DEFAULTS = {"miner_epsilon": 0.1, "miner_pos_margin": 0.2, "miner_neg_margin": 0.8}
+
+
+@dataclass
+class LossConfig:
+    """The metric-learning loss of task.name: triplet. `triplet` is imret's own (tag-overlap mining, task.* margins);
+    the others are pytorch-metric-learning's, fed the same tag-overlap positives and negatives (task.positive_min_iou,
+    task.negative_max_iou) as pairs, or, for the proxy losses, one proxy per tag. Parameters left at None take the
+    loss's default; setting one the chosen loss does not read is an error."""
+
+    name: Literal["triplet", "multi_similarity", "contrastive", "supcon", "ntxent", "circle", "proxy_anchor",
+                  "arcface", "subcenter_arcface"] = "triplet"  # fmt: skip
+    miner: Literal["none", "multi_similarity", "pair_margin"] = "none"  # pair losses: keep only the hard pairs
+    gather: bool = False  # pair and proxy losses over the embeddings of every rank (the global batch)
+    alpha: float | None = field(default=None, metadata=bounds(0.0, lo_open=True))
+    beta: float | None = field(default=None, metadata=bounds(0.0, lo_open=True))
+    base: float | None = None
+    pos_margin: float | None = None
+    neg_margin: float | None = None
+    temperature: float | None = field(default=None, metadata=bounds(0.0, lo_open=True))
+    margin: float | None = None  # circle: relaxation m; proxy_anchor: delta (cosine); arcface: additive angle, degrees
+    gamma: float | None = field(default=None, metadata=bounds(0.0, lo_open=True))
+    scale: float | None = field(default=None, metadata=bounds(0.0, lo_open=True))
+    sub_centers: int | None = field(default=None, metadata=bounds(1, 16))
+    proxy_lr_scale: float = field(default=1.0, metadata=bounds(0.0, lo_open=True))  # proxies' LR x optim.lr
+    miner_epsilon: float | None = field(default=None, metadata=bounds(0.0))
+    miner_pos_margin: float | None = None
+    miner_neg_margin: float | None = None
+
+    def value(self, name: str) -> float | int:
+        """A parameter of the chosen loss or miner: the recipe's, else the default."""
+        set_value = getattr(self, name)
+        if set_value is not None:
+            return set_value
+        return LOSS_DEFAULTS.get(self.name, {}).get(name, MINER_DEFAULTS.get(name))  # type: ignore[return-value]
 
 
 @dataclass
@@ -89,6 +147,10 @@ class OptimConfig:
     # lr x global batch (per device x ranks x accumulation) / lr_reference_batch: the same recipe on 1 or 8 GPUs
     scale_lr_with_batch: bool = False
     lr_reference_batch: int = field(default=256, metadata=bounds(1))
+    # fine-tuning: the trunk's rate x trunk_lr_scale; timm backbones: layer-wise decay, each layer's rate x
+    # layer_decay^(layers above it) (timm's param_groups_layer_decay)
+    trunk_lr_scale: float = field(default=1.0, metadata=bounds(0.0, lo_open=True))
+    layer_decay: float | None = field(default=None, metadata=bounds(0.0, 1.0, lo_open=True))
 
 
 @dataclass
@@ -98,6 +160,7 @@ class TrainConfig:
     grad_accum_steps: int = field(default=1, metadata=bounds(1))
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"  # auto: the launch config decides
     compile: bool = False
+    freeze_trunk_epochs: int = field(default=0, metadata=bounds(0))  # a warm-up of the heads with the trunk frozen
     early_stop_patience: int = field(default=5, metadata=bounds(1))
     early_stop_min_delta: float = field(default=0.0, metadata=bounds(0.0))
     max_nonfinite_steps: int = field(default=5, metadata=bounds(1))  # in a row, then all ranks stop
@@ -124,6 +187,7 @@ class Recipe:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -366,8 +430,38 @@ def check_consistency(recipe: Recipe) -> None:
         raise RecipeError(f"optim.warmup_epochs ({optim.warmup_epochs}) must be below train.max_epochs "
                           f"({recipe.train.max_epochs})")  # fmt: skip
     if recipe.model.init == "scratch" and recipe.model.weights:
-        raise RecipeError(f"model.weights ({recipe.model.weights}) is only read with model.init imagenet or run, "
-                          f"and model.init is scratch")  # fmt: skip
+        raise RecipeError(f"model.weights ({recipe.model.weights}) is only read with model.init pretrained, imagenet "
+                          f"or run, and model.init is scratch")  # fmt: skip
+    if recipe.train.freeze_trunk_epochs >= recipe.train.max_epochs:
+        raise RecipeError(f"train.freeze_trunk_epochs ({recipe.train.freeze_trunk_epochs}) must be below "
+                          f"train.max_epochs ({recipe.train.max_epochs}): the trunk would never train")  # fmt: skip
+    timm_only = [name for name, on in (("optim.layer_decay", optim.layer_decay is not None),
+                                       ("model.grad_checkpointing", recipe.model.grad_checkpointing)) if on]  # fmt: skip
+    if timm_only and not recipe.model.backbone.startswith("timm:"):
+        raise RecipeError(f"{', '.join(timm_only)}: needs a timm backbone (model.backbone: timm:<name>), and this one is "
+                          f"{recipe.model.backbone}")  # fmt: skip
+    check_loss(recipe)
+
+
+def check_loss(recipe: Recipe) -> None:
+    """The loss section: a loss other than triplet trains the metric task; each parameter set must be one the loss
+    (or the miner) reads."""
+    loss = recipe.loss
+    if loss.name != "triplet" and recipe.task.name != "triplet":
+        raise RecipeError(f"loss.name: {loss.name} trains a metric-learning embedding: set task.name: triplet "
+                          f"(now {recipe.task.name})")  # fmt: skip
+    proxy = loss.name in ("proxy_anchor", "arcface", "subcenter_arcface")
+    if loss.miner != "none" and (loss.name == "triplet" or proxy):
+        raise RecipeError(f"loss.miner: {loss.miner} selects pairs for the pair losses (multi_similarity, contrastive, "
+                          f"supcon, ntxent, circle); {loss.name} {'mines its own triplets (task.mining)' if not proxy else 'has no pairs'}")  # fmt: skip
+    readable = set(LOSS_PARAMETERS[loss.name]) | set(MINER_PARAMETERS[loss.miner]) | ({"proxy_lr_scale"} if proxy else set())
+    for parameter in dataclasses.fields(LossConfig):
+        if parameter.name in ("name", "miner", "gather") or parameter.name in readable:
+            continue
+        if getattr(loss, parameter.name) != parameter.default:
+            reads = ", ".join(f"loss.{n}" for n in sorted(readable)) or "no loss.* parameter"
+            raise RecipeError(f"loss.{parameter.name} is not read by loss.name {loss.name} (miner {loss.miner}): it "
+                              f"reads {reads}")  # fmt: skip
 
 
 def check_against_shards(recipe: Recipe, has_masks: bool, shards: str) -> None:

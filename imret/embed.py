@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from imret.config import AugmentConfig, TrainConfig, recipe_from_dict
-from imret.data.augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment, denormalise
+from imret.data.augment import DeviceAugment, denormalise
 from imret.data.device_decode import check_decode_device, resolve_decode
 from imret.data.prefetch import DevicePrefetcher
 from imret.data.manifest import load_manifest, manifest_hash, sha256_file, write_json_atomic
@@ -38,7 +38,7 @@ from imret.data.shards import ShardBatches, shard_files
 from imret.data.storage import is_remote, require_local
 from imret.errors import ImretError
 from imret.keyfile import KeyFile, KeyWriter
-from imret.models import RetrievalNet, initialise_trunk, make_backbone
+from imret.models import RetrievalNet, make_backbone
 from imret.parts import collect_parts
 from imret.system import native_bf16, usable_cores
 
@@ -49,12 +49,11 @@ IMAGENET_BASELINE = "imagenet-resnet18"  # the study's untrained ImageNet ResNet
 def load_model(source: str) -> tuple[nn.Module, dict[str, Any]]:
     """A run directory's exported model (or the ImageNet baseline), in eval mode, with its meta."""
     if source == IMAGENET_BASELINE:
-        trunk, features = make_backbone("resnet18")
-        origin = initialise_trunk(trunk, "resnet18", "imagenet", None)
+        backbone = make_backbone("resnet18", 224, "imagenet")
         meta = {"task": "none", "backbone": "resnet18", "image_size": 224, "load_size": 224,
-                "embedding": {"layer": "pooled", "dim": features}, "initialisation": f"{origin}, not trained",
-                "weights_sha256": "imagenet"}  # fmt: skip
-        return RetrievalNet(trunk, nn.Identity(), embedding="pooled").eval(), meta
+                "normalisation": backbone.normalisation, "embedding": {"layer": "pooled", "dim": backbone.features},
+                "initialisation": f"{backbone.initialisation}, not trained", "weights_sha256": "imagenet"}  # fmt: skip
+        return RetrievalNet(backbone.trunk, nn.Identity(), embedding="pooled").eval(), meta
     from imret.tasks import make_task
 
     model_dir = Path(source) / "model"
@@ -87,15 +86,15 @@ class Embedder(nn.Module):
     def __init__(self, net: nn.Module, meta: dict[str, Any]):
         super().__init__()
         self.net = net
-        self.augment = DeviceAugment(AugmentConfig(), meta["image_size"], meta["load_size"], training=False)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.normalisation = meta.get("normalisation")  # runs exported before it was recorded: ImageNet's
+        self.augment = DeviceAugment(AugmentConfig(), meta["image_size"], meta["load_size"], training=False,
+                                     normalisation=self.normalisation)  # fmt: skip
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         x, _ = self.augment(images)
         if masks is not None:
-            x = (denormalise(x) * masks.to(x.device, x.dtype)[:, None] - self.mean) / self.std
+            x = (denormalise(x, self.normalisation) * masks.to(x.device, x.dtype)[:, None] - self.augment.mean) / self.augment.std
         return self.net.embed(x).float()
 
 
@@ -119,7 +118,9 @@ class Masker(nn.Module):
     def __init__(self, seg: nn.Module, seg_meta: dict[str, Any], meta: dict[str, Any]):
         super().__init__()
         self.seg, self.seg_size = seg, seg_meta["image_size"]
-        self.augment = DeviceAugment(AugmentConfig(), meta["image_size"], meta["load_size"], training=False)
+        # what the embedding model sees, normalised as the U-Net was trained
+        self.augment = DeviceAugment(AugmentConfig(), meta["image_size"], meta["load_size"], training=False,
+                                     normalisation=seg_meta.get("normalisation"))  # fmt: skip
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -11,13 +11,17 @@ import torch
 import torch.nn.functional as F
 
 
+def label_iou_matrix(labels: torch.Tensor, ref_labels: torch.Tensor) -> torch.Tensor:
+    """[B, C] and [R, C] multi-hot -> [B, R] label IoU; 0 where both rows are empty."""
+    labels, ref_labels = labels.float(), ref_labels.float()
+    inter = labels @ ref_labels.T
+    union = labels.sum(1)[:, None] + ref_labels.sum(1)[None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
+
+
 def pairwise_label_iou(labels: torch.Tensor) -> torch.Tensor:
     """[B, C] multi-hot -> [B, B] label IoU; 0 where both rows are empty."""
-    labels = labels.float()
-    inter = labels @ labels.T
-    counts = labels.sum(1)
-    union = counts[:, None] + counts[None, :] - inter
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(inter))
+    return label_iou_matrix(labels, labels)
 
 
 def margin_at(epoch: int, start: float, end: float, epochs: int) -> float:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from imret.config import OptimConfig
+from imret.config import OptimConfig, Recipe
 
 
 def effective_lr(optim: OptimConfig, global_batch: int) -> float:
@@ -20,13 +20,45 @@ def effective_lr(optim: OptimConfig, global_batch: int) -> float:
 
 
 def make_optimizer(params, optim: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """Fused: one kernel for the whole update, and it takes the all-ranks skip flag on the device (imret.step)."""
+    """Fused: one kernel for the whole update, and it takes the all-ranks skip flag on the device (imret.step).
+    `params` may be parameter groups, each with its own rate (and weight decay)."""
     if optim.name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=optim.weight_decay, fused=True)
     if optim.name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=optim.weight_decay, fused=True)
     return torch.optim.SGD(params, lr=lr, momentum=optim.momentum, nesterov=optim.nesterov,
                            weight_decay=optim.weight_decay, fused=True)  # fmt: skip
+
+
+def param_groups(model: torch.nn.Module, recipe: Recipe, lr: float) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups, the recipe's rate first (the rate the run logs): one group when nothing
+    differs (checkpoints of earlier runs hold one); else the heads at `lr`, the trunk (a U-Net's encoder) at
+    lr x optim.trunk_lr_scale, for a timm trunk with optim.layer_decay one group a layer at lr x trunk_lr_scale x
+    layer_decay^(layers above it) (timm's param_groups_layer_decay, which also exempts norms and biases from weight
+    decay), and the proxies of a proxy loss at lr x loss.proxy_lr_scale."""
+    optim = recipe.optim
+    from imret.models import RetrievalNet
+
+    trunk = model.trunk if isinstance(model, RetrievalNet) else model.unet.encoder
+    proxies = getattr(model, "proxies", None)
+    proxy_scale = recipe.loss.proxy_lr_scale if proxies is not None else 1.0
+    if optim.trunk_lr_scale == 1.0 and optim.layer_decay is None and proxy_scale == 1.0:
+        return [{"params": list(model.parameters()), "lr": lr}]
+    separate = {id(p) for p in trunk.parameters()} | {id(p) for p in (proxies.parameters() if proxies is not None else [])}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in separate], "lr": lr}]
+    if optim.layer_decay is not None:
+        from timm.optim import param_groups_layer_decay
+
+        exempt = trunk.no_weight_decay() if hasattr(trunk, "no_weight_decay") else ()
+        for group in param_groups_layer_decay(trunk, weight_decay=optim.weight_decay, no_weight_decay_list=exempt,
+                                              layer_decay=optim.layer_decay):  # fmt: skip
+            groups.append({"params": group["params"], "weight_decay": group["weight_decay"],
+                           "lr": lr * optim.trunk_lr_scale * group["lr_scale"]})  # fmt: skip
+    else:
+        groups.append({"params": list(trunk.parameters()), "lr": lr * optim.trunk_lr_scale})
+    if proxies is not None:
+        groups.append({"params": list(proxies.parameters()), "lr": lr * proxy_scale})
+    return [group for group in groups if group["params"]]
 
 
 def zero_momentum(optimizer: torch.optim.Optimizer) -> None:

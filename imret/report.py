@@ -185,21 +185,32 @@ def write_report(out: Path, results: dict[str, Any], details: dict[str, Any]) ->
              "threshold is chosen on one half of the validation split and its F1 reported on the other half.",
              f"- Score per query: mean label IoU (shared tags / union of tags) of its {results['k']} nearest gallery "
              f"images by L2 (exact FAISS search). Reported: mean ± std over queries [95% bootstrap interval].",
-             f"- Also: precision@{results['k']} (relevant = label IoU ≥ 0.5), mAP@{results['k']} and "
-             f"nDCG@{results['k']} with the IoU as gain.",
+             f"- Also, with relevant = label IoU ≥ 0.5: precision@{results['k']}, mAP@{results['k']} (normalised by "
+             f"min(k, relevant images in the gallery)), recall@{results['k']} (the hit rate: any relevant image in the "
+             f"top {results['k']}) and MRR@{results['k']}; nDCG@{results['k']} with the IoU as gain; and the four "
+             f"binary scores again with relevant = sharing a tag, and = the identical tag set.",
              f"- Masked: the background zeroed by the segmentation run `{results['segmentation']}` before embedding."
              if results["segmentation"] else "- Masked: no segmentation run was given, so no masked variant.", ""]  # fmt: skip
 
+    k = results["k"]
     lines += ["## Retrieval", "", "| model | embedding | original | masked | "
-              f"P@{results['k']} | mAP@{results['k']} | nDCG@{results['k']} |", "|---|---|---|---|---|---|---|"]
+              f"P@{k} | mAP@{k} | R@{k} | MRR@{k} | nDCG@{k} |", "|---|---|---|---|---|---|---|---|---|"]
     for name in ordered_models(results):
         r = results["results"][name]
         embedding = f"{models[name]['layer']} {models[name]['dim']}-d" if name in models else "—"
         o = r["original"]
         lines.append(f"| {name} | {embedding} | {fmt(o)} | {fmt(r.get('masked'))} | {o['precision_at_k']:.3f} | "
-                     f"{o['map_at_k']:.3f} | {o['ndcg_at_k']:.3f} |")  # fmt: skip
+                     f"{o['map_at_k']:.3f} | {o['recall_at_k']:.3f} | {o['mrr_at_k']:.3f} | {o['ndcg_at_k']:.3f} |")  # fmt: skip
     bar_chart(results, figures / "retrieval.png")
-    lines += ["", "![retrieval](figures/retrieval.png)", ""]
+    lines += ["", "![retrieval](figures/retrieval.png)", "", "The same retrievals (original images) under the other "
+              "two relevance definitions:", "", f"| model | shares a tag: P@{k} | mAP@{k} | R@{k} | MRR@{k} | "
+              f"identical tags: P@{k} | mAP@{k} | R@{k} | MRR@{k} |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name in ordered_models(results):
+        o = results["results"][name]["original"]
+        cells = [f"{o[f'{metric}_at_k{suffix}']:.3f}" for suffix in ("_any_tag", "_same_tags")
+                 for metric in ("precision", "map", "recall", "mrr")]  # fmt: skip
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    lines.append("")
     for name, reason in results["unavailable"].items():
         lines.append(f"- **{name}** is not in the table: {reason}.")
     lines += ["", "## Paired comparisons", "",
@@ -216,11 +227,12 @@ def write_report(out: Path, results: dict[str, Any], details: dict[str, Any]) ->
     if trained:
         lines += retrieval_examples(trained, results, details, out)
 
-    lines += ["## Models", "", "| model | task | embedding layer | initialisation | validation |", "|---|---|---|---|---|"]
+    lines += ["## Models", "", "| model | backbone | task (loss) | embedding layer | initialisation | validation |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
     for name, info in models.items():
         meta = run_meta(info["run"])
-        lines.append(f"| {name} | {info['task']} | {info['layer']} ({info['dim']}-d) | {info['initialisation']} | "
-                     f"{summarise_validation(meta)} |")  # fmt: skip
+        lines.append(f"| {name} | {(meta or {}).get('backbone', 'resnet18')} | {task_and_loss(meta, info['task'])} | "
+                     f"{info['layer']} ({info['dim']}-d) | {info['initialisation']} | {summarise_validation(meta)} |")  # fmt: skip
     seg = run_meta(results["segmentation"]) if results["segmentation"] else None
     if seg:
         lines += ["", f"Segmentation (`{results['segmentation']}`): {summarise_validation(seg)}; initialisation: "
@@ -262,6 +274,15 @@ def summarise_validation(meta: dict[str, Any] | None) -> str:
         return f"rotation accuracy {val['accuracy']:.3f}"
     if task == "segmentation":
         return f"example-wise IoU {val['iou']:.3f}"
-    if task == "triplet":
+    if task == "triplet" and "active_fraction" in val:
         return f"val label IoU@5 {val['val_iou_at_5']:.3f}, active triplets {val['active_fraction']:.2f}"
+    if task == "triplet":
+        return f"val label IoU@5 {val['val_iou_at_5']:.3f}, loss {val['loss']:.3f}"
     return f"loss {val['loss']:.3f}"
+
+
+def task_and_loss(meta: dict[str, Any] | None, task: str) -> str:
+    """The task, and for metric learning its loss (runs from before the loss section trained triplet)."""
+    if task != "triplet" or meta is None:
+        return task
+    return f"{task} ({meta['recipe'].get('loss', {}).get('name', 'triplet')})"

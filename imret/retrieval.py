@@ -242,37 +242,60 @@ def random_baseline(gallery_labels: np.ndarray, query_labels: np.ndarray, k: int
     return neighbour_iou(gallery_labels, query_labels, neighbours).mean(1)
 
 
+def relevance(query_labels: np.ndarray, neighbour_labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Whether each retrieved item [Q, k] is relevant to its query, by each definition (RELEVANCE): label IoU >=
+    RELEVANT_IOU, at least one tag shared, the identical tag set."""
+    q, g = np.asarray(query_labels).astype(bool)[:, None, :], np.asarray(neighbour_labels).astype(bool)
+    return {"": label_iou(q, g) >= RELEVANT_IOU, "_any_tag": (q & g).any(-1), "_same_tags": (q == g).all(-1)}
+
+
+RELEVANCE = ("", "_any_tag", "_same_tags")  # suffixes of the metric names in retrieval.json
+
+
 def ideal_gains(gallery_labels: np.ndarray, query_labels: np.ndarray, k: int, chunk: int = 256,
-                gallery_chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Per query: the k best IoUs anywhere in the gallery [Q, k], and how many gallery items are relevant [Q].
-    The gallery is read in chunks and kept top-k merged as it passes: no queries x gallery matrix."""
+                gallery_chunk: int = 1 << 16) -> tuple[np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
+    """Per query: the k best IoUs anywhere in the gallery [Q, k], and how many gallery items are relevant [Q] by
+    each definition of `relevance` (keyed as RELEVANCE). The gallery is read in chunks and kept top-k merged as it
+    passes: no queries x gallery matrix."""
     q = np.asarray(query_labels, dtype=np.float32)
+    q_count = q.sum(1)
     best = np.zeros((len(q), 0), dtype=np.float32)
-    relevant = np.zeros(len(q), dtype=np.int64)
+    relevant = {suffix: np.zeros(len(q), dtype=np.int64) for suffix in RELEVANCE}
     for g_start in range(0, len(gallery_labels), gallery_chunk):
         g = read_rows(gallery_labels, g_start, g_start + gallery_chunk).astype(np.float32)
         g_count = g.sum(1)
         tops = []
         for start in range(0, len(q), chunk):
-            inter = q[start : start + chunk] @ g.T
-            union = q[start : start + chunk].sum(1)[:, None] + g_count[None, :] - inter
+            rows = slice(start, start + chunk)
+            inter = q[rows] @ g.T
+            union = q_count[rows, None] + g_count[None, :] - inter
             iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
             tops.append(-np.partition(-iou, min(k, iou.shape[1]) - 1, axis=1)[:, :k])
-            relevant[start : start + chunk] += (iou >= RELEVANT_IOU).sum(1)
+            relevant[""][rows] += (iou >= RELEVANT_IOU).sum(1)
+            relevant["_any_tag"][rows] += (inter > 0).sum(1)
+            relevant["_same_tags"][rows] += ((inter == q_count[rows, None]) & (inter == g_count[None, :])).sum(1)
         merged = np.concatenate([best, np.concatenate(tops)], axis=1)
         best = -np.partition(-merged, min(k, merged.shape[1]) - 1, axis=1)[:, :k]
     return np.sort(best, axis=1)[:, ::-1], relevant
 
 
-def ranking_scores(ious: np.ndarray, ideal: np.ndarray, relevant_total: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-query precision@k (relevant = IoU >= 0.5), AP@k (normalised by min(k, relevant in the gallery)) and
-    nDCG@k with the IoU as gain, from the IoUs of the retrieved items in rank order [Q, k]."""
-    k = ious.shape[1]
-    relevant = ious >= RELEVANT_IOU
+def ranking_scores(relevant: np.ndarray, relevant_total: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-query scores of a ranking from which retrieved items [Q, k] (in rank order) are relevant: precision@k;
+    AP@k, normalised by min(k, relevant items in the gallery); recall@k as the hit rate (any relevant item in the top
+    k); and the reciprocal rank of the first relevant item (0 when none is in the top k)."""
+    relevant = np.asarray(relevant, dtype=bool)
+    k = relevant.shape[1]
     precision_at = np.cumsum(relevant, axis=1) / np.arange(1, k + 1)
     denominator = np.minimum(k, relevant_total)
-    ap = np.divide((precision_at * relevant).sum(1), denominator, out=np.zeros(len(ious)), where=denominator > 0)
-    discount = 1.0 / np.log2(np.arange(2, k + 2))
+    ap = np.divide((precision_at * relevant).sum(1), denominator, out=np.zeros(len(relevant)), where=denominator > 0)
+    hit = relevant.any(1)
+    reciprocal = np.where(hit, 1.0 / (relevant.argmax(1) + 1), 0.0)
+    return {"precision": relevant.mean(1), "ap": ap, "recall": hit.astype(np.float64), "mrr": reciprocal}
+
+
+def ndcg(ious: np.ndarray, ideal: np.ndarray) -> np.ndarray:
+    """Per-query nDCG@k with the label IoU as gain, from the IoUs of the retrieved items [Q, k] and the best k
+    anywhere in the gallery."""
+    discount = 1.0 / np.log2(np.arange(2, ious.shape[1] + 2))
     dcg, idcg = (ious * discount).sum(1), (ideal * discount).sum(1)
-    ndcg = np.divide(dcg, idcg, out=np.zeros(len(ious)), where=idcg > 0)
-    return {"precision": relevant.mean(1), "ap": ap, "ndcg": ndcg}
+    return np.divide(dcg, idcg, out=np.zeros(len(ious)), where=idcg > 0)

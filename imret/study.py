@@ -251,7 +251,7 @@ def score(study: StudyRecipe, embeddings: dict) -> tuple[dict[str, Any], dict[st
     """embeddings: model -> variant -> {"gallery": train split's embedding dir, "queries": the query split's}."""
     from imret.embed import load_embeddings
     from imret.index import exact_gallery_index
-    from imret.retrieval import ideal_gains, neighbour_iou, random_neighbours, ranking_scores, search
+    from imret.retrieval import ideal_gains, ndcg, neighbour_iou, random_neighbours, ranking_scores, relevance, search
     from imret.stats import holm, paired_test, summary
 
     s = study.study
@@ -267,11 +267,19 @@ def score(study: StudyRecipe, embeddings: dict) -> tuple[dict[str, Any], dict[st
     ideal, relevant_total = ideal_gains(gallery_labels, query_labels, s.k)
     gallery_digest = gallery_keys.digest()
 
-    def scored(ious: np.ndarray) -> dict[str, Any]:
-        ranking = ranking_scores(ious, ideal, relevant_total)
+    def scored(found: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+        """A retrieval's scores: the mean label IoU of its k neighbours (summary and paired tests use it), nDCG@k with
+        the IoU as gain, and precision, mAP, recall (hit rate) and MRR at k by each relevance (RELEVANCE)."""
+        ious = neighbour_iou(gallery_labels, query_labels, found)
         per_query = ious.mean(1)
-        return {**summary(per_query, s.seed, s.bootstrap_resamples), "precision_at_k": float(ranking["precision"].mean()),
-                "map_at_k": float(ranking["ap"].mean()), "ndcg_at_k": float(ranking["ndcg"].mean())}, per_query  # fmt: skip
+        metrics = {**summary(per_query, s.seed, s.bootstrap_resamples)}
+        for suffix, relevant in relevance(query_labels, gallery_labels[found]).items():
+            ranking = ranking_scores(relevant, relevant_total[suffix])
+            for name, key in (("precision", "precision_at_k"), ("ap", "map_at_k"), ("recall", "recall_at_k"), ("mrr", "mrr_at_k")):
+                metrics[key + suffix] = float(ranking[name].mean())
+            if not suffix:
+                metrics["ndcg_at_k"] = float(ndcg(ious, ideal).mean())
+        return metrics, per_query
 
     results: dict[str, Any] = {}
     per_query: dict[tuple[str, str], np.ndarray] = {}
@@ -291,11 +299,11 @@ def score(study: StudyRecipe, embeddings: dict) -> tuple[dict[str, Any], dict[st
             index = exact_gallery_index(dirs["gallery"], g_emb, g_meta, s.faiss_device)
             found = search(index, np.asarray(q_emb[rows]), s.k)[1]
             del index
-            results[name][variant], per_query[name, variant] = scored(neighbour_iou(gallery_labels, query_labels, found))
+            results[name][variant], per_query[name, variant] = scored(found)
             neighbours[name, variant] = found
     random_found = random_neighbours(len(gallery_labels), len(query_keys), s.k, s.seed)
     results[RANDOM] = {}
-    results[RANDOM]["original"], per_query[RANDOM, "original"] = scored(neighbour_iou(gallery_labels, query_labels, random_found))
+    results[RANDOM]["original"], per_query[RANDOM, "original"] = scored(random_found)
 
     comparisons = []
     for name in embeddings:

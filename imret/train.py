@@ -28,19 +28,21 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, gather_object, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object, set_seed,
+)  # fmt: skip
 from tqdm import tqdm
 
 from imret import checkpoint
 from imret.config import Recipe, check_against_shards, recipe_to_dict
-from imret.data.augment import IMAGENET_MEAN, IMAGENET_STD, DeviceAugment
+from imret.data.augment import DeviceAugment
 from imret.data.device_decode import check_decode_device, resolve_decode
 from imret.data.manifest import load_manifest, manifest_hash, write_json_atomic
 from imret.data.prefetch import DevicePrefetcher
 from imret.data.shards import ShardLoader, make_loader
 from imret.errors import ImretError
 from imret.monitor import Monitor, wandb_mode
-from imret.optim import Schedule, effective_lr, make_optimizer, zero_momentum
+from imret.optim import Schedule, effective_lr, make_optimizer, param_groups, zero_momentum
 from imret.step import NonfiniteGuard, RunningStats, TrainingError
 from imret.system import native_bf16
 from imret.tasks import Task, make_task
@@ -92,16 +94,17 @@ def train(recipe: Recipe, debug: bool = False) -> Path:
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True  # training batches have one shape (drop_last): tuned once
     global_batch = recipe.data.batch_size_per_device * accelerator.num_processes * recipe.train.grad_accum_steps
-    optimizer = make_optimizer(model.parameters(), recipe.optim, effective_lr(recipe.optim, global_batch))
+    lr = effective_lr(recipe.optim, global_batch)
+    optimizer = make_optimizer(param_groups(model, recipe, lr), recipe.optim, lr)
     scheduler = Schedule(optimizer, recipe.optim, optimizer_steps(train_loader, recipe, debug))
     model, optimizer = accelerator.prepare(model, optimizer)
     zero_momentum(optimizer.optimizer)
     if recipe.train.compile:  # after prepare: DDP inside the compiled wrapper, so `bare` gets the model's own keys
         model = torch.compile(model)
     train_augment = DeviceAugment(recipe.augment, recipe.data.image_size, recipe.load_size, True,
-                                  recipe.data.zero_background).to(accelerator.device)  # fmt: skip
+                                  recipe.data.zero_background, task.normalisation).to(accelerator.device)  # fmt: skip
     eval_augment = DeviceAugment(recipe.augment, recipe.data.image_size, recipe.load_size, False,
-                                 recipe.data.zero_background).to(accelerator.device)  # fmt: skip
+                                 recipe.data.zero_background, task.normalisation).to(accelerator.device)  # fmt: skip
 
     run_dir = recipe.run_dir
     if debug and main and run_dir.exists():
@@ -131,6 +134,8 @@ def train(recipe: Recipe, debug: bool = False) -> Path:
             train_loader.set_epoch(epoch)
             steps = steps_this_epoch(train_loader, recipe, debug)
             model.train()
+            if recipe.train.freeze_trunk_epochs:  # a warm-up of the heads: the trunk takes no step and keeps its statistics
+                bare(accelerator, model).freeze_trunk(epoch < recipe.train.freeze_trunk_epochs)
             bar = tqdm(total=steps, initial=progress.step_in_epoch, desc=f"epoch {epoch}", disable=not main,
                        unit="step", dynamic_ncols=True)  # fmt: skip
             # resuming mid-epoch: the loader replays the epoch's order, and the batches already trained are dropped
@@ -242,7 +247,9 @@ def make_accelerator(recipe: Recipe, mode: str) -> Accelerator:
         mixed_precision=resolve_precision(recipe.train.mixed_precision),  # knows no epochs and no resume
         # our loaders are already split by rank: never let rank 0 decode for everyone
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=recipe.train.collective_timeout_s))],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=recipe.train.collective_timeout_s)),
+                         # a frozen trunk gives no gradients: DDP must not wait for them
+                         DistributedDataParallelKwargs(find_unused_parameters=recipe.train.freeze_trunk_epochs > 0)],
         log_with=None if mode == "disabled" else "wandb",
     )
 
@@ -413,7 +420,7 @@ def export_model(net: torch.nn.Module, task: Task, recipe: Recipe, manifest: dic
     meta = {
         "task": task.name, "backbone": recipe.model.backbone, "classes": task.classes,
         "image_size": recipe.data.image_size, "load_size": recipe.load_size,
-        "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "normalisation": task.normalisation,
         "zero_background": recipe.data.zero_background,
         "embedding": {"layer": net.embedding, "dim": task.embedding_dim},
         "initialisation": task.initialisation, "epoch": progress.epoch + 1, "step": progress.global_step,  # epochs completed

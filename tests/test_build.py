@@ -1,5 +1,6 @@
 """The shard builder on each source format, with the rejects it must list and the oddities it must absorb."""
 
+import hashlib
 import io
 import json
 import tarfile
@@ -11,9 +12,10 @@ from PIL import Image
 from scipy.io import savemat
 
 from imret.cli import main
-from imret.data.build import build_shards, sample_key, split_ids, verify_shards
+from imret.data.build import build_shards, verify_shards
 from imret.data.manifest import load_manifest
-from imret.data.sources import decode_rle
+from imret.data.plan import ShardPlanner, sample_key
+from imret.data.sources import Record, Source, decode_rle
 from imret.errors import DataError
 
 
@@ -143,14 +145,30 @@ def test_max_side_downscales_image_and_mask_together(tmp_path):
     assert s["meta"]["width"] == 50 and s["meta"]["height"] == 30
 
 
+def planned(ids, val_fraction, seed, test_fraction=0.0, per_shard=1000):
+    """split -> its records' ids in shard order, as the planner lays out a listing of these ids."""
+    source = Source("folder", "src", [], lambda: (Record(i, i, f"src/{i}.jpg", {"kind": "folder"}) for i in ids))
+    planner = ShardPlanner(source, val_fraction, test_fraction, seed, per_shard, {})
+    planner.plan()
+    layout = {"train": [], "val": [], "test": []}
+    for plan in planner.shard_plans():
+        assert len(plan.records) <= per_shard
+        layout[plan.split] += [record.id for record in plan.records]
+    return layout
+
+
 def test_split_is_seeded_exact_and_independent_of_order():
     ids = [f"img{i}" for i in range(200)]
-    train, val, test = split_ids(ids, 0.1, seed=42)
-    assert len(val) == 20 and not test and set(train) | set(val) == set(ids) and not set(train) & set(val)
-    assert split_ids(list(reversed(ids)), 0.1, seed=42) == (train, val, test)
-    assert split_ids(ids, 0.1, seed=43)[1] != val
-    train3, val3, test3 = split_ids(ids, 0.1, seed=42, test_fraction=0.15)
-    assert val3 == val and len(test3) == 30 and set(train3) | set(test3) == set(train)  # val unchanged by a test split
+    layout = planned(ids, 0.1, seed=42, per_shard=7)
+    train, val = layout["train"], layout["val"]
+    assert len(val) == 20 and not layout["test"] and set(train) | set(val) == set(ids) and not set(train) & set(val)
+    assert planned(list(reversed(ids)), 0.1, seed=42, per_shard=7) == layout  # the same shards whatever the listing order
+    assert planned(ids, 0.1, seed=43)["val"] != val
+    with_test = planned(ids, 0.1, seed=42, test_fraction=0.15, per_shard=7)
+    assert with_test["val"] == val and len(with_test["test"]) == 30  # val unchanged by a test split
+    assert set(with_test["train"]) | set(with_test["test"]) == set(train)
+    order = sorted(ids, key=lambda i: hashlib.sha256(f"42\0{i}".encode()).digest())  # the split's fixed order
+    assert val == order[:20] and train == order[20:]
 
 
 def test_a_test_split_is_built_listed_and_read(tmp_path, synth_dir, capsys):
@@ -192,10 +210,13 @@ def test_keys_are_unique_dot_free_ascii():
     assert all("." not in k and k.isascii() and "/" not in k for k in keys)
 
 
-def test_refuses_a_finished_build_unless_overwrite(tmp_path, synth_dir):
+def test_a_finished_build_run_again_rewrites_nothing_and_other_inputs_need_overwrite(tmp_path, synth_dir):
     out = tmp_path / "out"
-    build_shards(synth_dir, "folder", out, workers=0, samples_per_shard=50)
-    with pytest.raises(DataError, match="holds a finished build: pass --overwrite"):
+    first = build_shards(synth_dir, "folder", out, workers=0, samples_per_shard=50)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert build_shards(synth_dir, "folder", out, workers=0, samples_per_shard=50) == first
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps  # nothing rewritten, the manifest neither
+    with pytest.raises(DataError, match=r"holds a finished build \(of other inputs, or an older imret's\): pass --overwrite"):
         build_shards(synth_dir, "folder", out, workers=0)
     manifest = build_shards(synth_dir, "folder", out, workers=0, samples_per_shard=1000, overwrite=True)
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-000000.tar", "val-000000.tar"]
@@ -320,5 +341,6 @@ def test_cli_end_to_end_with_broken_files(tmp_path, capsys):
     assert "rejected: 2" in capsys.readouterr().out
     splits = load_manifest(out)["splits"]
     assert splits["train"]["samples"] + splits["val"]["samples"] == 28
-    assert main(["shards", "build", str(data), "--format", "folder", "--out", str(out)]) == 2
+    assert main(["shards", "build", str(data), "--format", "folder", "--out", str(out)]) == 0  # the same: a no-op
+    assert main(["shards", "build", str(data), "--format", "folder", "--out", str(out), "--samples-per-shard", "7"]) == 2
     assert "--overwrite" in capsys.readouterr().err

@@ -97,11 +97,29 @@ def test_out_of_range(tmp_path, text, expected):
         ("task:\n  positive_min_iou: 0.2\n  negative_max_iou: 0.3\n", "must be below task.positive_min_iou"),
         ("task:\n  margin_start: 2.0\n  margin_end: 1.0\n", "task.margin_end (1.0) is below task.margin_start"),
         ("model:\n  init: run\n", "model.init: run needs model.weights"),
-        ("model:\n  init: scratch\n  weights: runs/x\n", "model.weights (runs/x) is only read with model.init imagenet or run"),
+        ("model:\n  init: scratch\n  weights: runs/x\n", "model.weights (runs/x) is only read with model.init pretrained, imagenet or run"),
+        ("loss:\n  name: supcon\n", "loss.name: supcon trains a metric-learning embedding: set task.name: triplet"),
+        ("task:\n  name: triplet\nloss:\n  name: multi_similarity\n  temperature: 0.1\n",
+         "loss.temperature is not read by loss.name multi_similarity (miner none): it reads loss.alpha, loss.base, loss.beta"),
+        ("task:\n  name: triplet\nloss:\n  miner: pair_margin\n", "loss.miner: pair_margin selects pairs for the pair losses"),
+        ("task:\n  name: triplet\nloss:\n  name: contrastive\n  miner_epsilon: 0.2\n", "loss.miner_epsilon is not read"),
+        ("task:\n  name: triplet\nloss:\n  name: supcon\n  proxy_lr_scale: 10.0\n", "loss.proxy_lr_scale is not read"),
+        ("optim:\n  layer_decay: 0.7\n", "optim.layer_decay: needs a timm backbone (model.backbone: timm:<name>)"),
+        ("model:\n  grad_checkpointing: true\n", "model.grad_checkpointing: needs a timm backbone"),
+        ("train:\n  max_epochs: 2\n  freeze_trunk_epochs: 2\n", "train.freeze_trunk_epochs (2) must be below train.max_epochs"),
     ],
 )
 def test_conflicts(tmp_path, text, expected):
     assert expected in error_of(tmp_path, text)
+
+
+def test_the_loss_section_is_typed_strict_and_fills_each_losss_defaults(tmp_path):
+    root = Path(__file__).parents[1]
+    recipe = load_recipe(root / "recipes" / "triplet.yaml", ["loss.name=multi_similarity", "loss.miner=multi_similarity"])
+    assert (recipe.loss.value("alpha"), recipe.loss.value("beta"), recipe.loss.value("miner_epsilon")) == (2.0, 50.0, 0.1)
+    assert load_recipe(root / "recipes" / "triplet.yaml", ["loss.name=subcenter_arcface"]).loss.value("sub_centers") == 3
+    assert "did you mean 'temperature'" in error_of(tmp_path, "loss:\n  temprature: 0.1\n")
+    assert "'supkon' is not one of" in error_of(tmp_path, "loss:\n  name: supkon\n")
 
 
 def test_conflicts_with_the_shards():
@@ -162,7 +180,7 @@ def test_recipe_show_prints_and_fails_with_one_line(tmp_path, capsys):
 def test_every_shipped_recipe_loads(path):
     from imret.study import load_study
 
-    load_study(path) if path.name == "study.yaml" else load_recipe(path)
+    load_study(path) if path.name.startswith("study") else load_recipe(path)
 
 
 def test_recipes_are_shipped():

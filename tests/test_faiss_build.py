@@ -119,3 +119,26 @@ def test_the_verdict_is_cached_per_build_driver_and_kind(tmp_path, monkeypatch):
 
 def test_a_cpu_machine_needs_no_probe():
     assert faiss_build.gpu_count("auto") == 0 and faiss_build.gpu_count("cpu") == 0
+
+
+def test_the_doctor_reports_every_check_and_the_faiss_build_as_json(capsys):
+    import json
+
+    from imret.cli import main
+
+    assert main(["doctor", "--json"]) == 0  # no GPU is a warning, not an error
+    checks = {check["name"]: check for check in json.loads(capsys.readouterr().out)["checks"]}
+    assert {"python", "torch", "cuda", "nccl", "nvjpeg", "faiss", "shared memory", "cores", "dataloader start method",
+            "accelerate", "wandb", "aws"} <= set(checks)  # fmt: skip
+    assert all(set(check) == {"name", "status", "detail", "fix"} for check in checks.values())
+    assert all(check["status"] in ("ok", "warning", "error") for check in checks.values())
+    assert checks["faiss"]["detail"].startswith(faiss_build.describe_builds()) and "GPU support: no" in checks["faiss"]["detail"]
+
+
+def test_the_doctor_names_aws_variables_but_never_their_values(monkeypatch, capsys):
+    from imret.cli import main
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-print-me")
+    main(["doctor"])
+    out = capsys.readouterr().out
+    assert "AWS_SECRET_ACCESS_KEY" in out and "do-not-print-me" not in out

@@ -4,10 +4,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from imret.errors import ImretError
-from imret.retrieval import (build_index, exact_neighbours, ideal_gains, load_index, random_baseline, random_neighbours,
-                             ranking_scores, retrieval_iou, save_index, search)  # fmt: skip
+from imret.retrieval import (RELEVANCE, build_index, exact_neighbours, ideal_gains, load_index, ndcg, random_baseline,
+                             random_neighbours, ranking_scores, relevance, retrieval_iou, save_index, search)  # fmt: skip
 from imret.stats import holm, paired_test, summary
 from imret.study import select_queries
 from imret.tasks.base import key_rank
@@ -55,8 +56,13 @@ def test_random_baseline_is_seeded_distinct_and_correct():
     assert 0.1 < a.mean() < 0.4  # random tags with p=0.3: expected IoU about 0.18
 
 
+RELEVANT = {"": lambda q, g: brute_iou(q, g) >= 0.5, "_any_tag": lambda q, g: bool((q & g).any()),
+            "_same_tags": lambda q, g: bool((q == g).all())}  # fmt: skip
+
+
 @pytest.mark.parametrize("gallery_chunk", [1 << 16, 7])  # one pass, and many chunks whose top-k are merged
 def test_ranking_scores_equal_brute_force(tmp_path, gallery_chunk):
+    """Multi-label tags, every relevance definition, against loops over the definitions."""
     _, g_labels, _, q_labels = data(seed=1, n=200, q=30, classes=5)
     np.save(tmp_path / "labels.npy", g_labels)
     g_labels = np.load(tmp_path / "labels.npy", mmap_mode="r")  # as the study reads them
@@ -65,21 +71,57 @@ def test_ranking_scores_equal_brute_force(tmp_path, gallery_chunk):
     retrieved = np.stack([rng.choice(200, k, replace=False) for _ in range(30)])
     ious = np.array([[brute_iou(q, g_labels[j]) for j in row] for q, row in zip(q_labels, retrieved)])
     ideal, relevant_total = ideal_gains(g_labels, q_labels, k, chunk=8, gallery_chunk=gallery_chunk)
-    scores = ranking_scores(ious, ideal, relevant_total)
+    relevant = relevance(q_labels, g_labels[retrieved])
+    assert set(relevant) == set(RELEVANCE) == set(relevant_total)
+    gains = ndcg(ious, ideal)
+    for suffix, is_relevant in RELEVANT.items():
+        scores = ranking_scores(relevant[suffix], relevant_total[suffix])
+        for i, q in enumerate(q_labels):
+            rel = [is_relevant(q, g_labels[j]) for j in retrieved[i]]
+            total = sum(is_relevant(q, g) for g in g_labels)
+            assert relevant_total[suffix][i] == total
+            assert scores["precision"][i] == pytest.approx(np.mean(rel))
+            hits, ap = 0, 0.0
+            for rank, one in enumerate(rel, start=1):
+                if one:
+                    hits += 1
+                    ap += hits / rank
+            assert scores["ap"][i] == pytest.approx(ap / min(k, total) if total else 0.0)
+            assert scores["recall"][i] == float(any(rel))
+            assert scores["mrr"][i] == pytest.approx(1 / (rel.index(True) + 1) if any(rel) else 0.0)
     for i, q in enumerate(q_labels):
         all_ious = np.array([brute_iou(q, g) for g in g_labels])
-        rel = ious[i] >= 0.5
-        assert scores["precision"][i] == pytest.approx(rel.mean())
-        hits, ap = 0, 0.0
-        for rank, is_rel in enumerate(rel, start=1):
-            if is_rel:
-                hits += 1
-                ap += hits / rank
-        total = (all_ious >= 0.5).sum()
-        assert scores["ap"][i] == pytest.approx(ap / min(k, total) if total else 0.0)
         dcg = sum(g / np.log2(r + 1) for r, g in enumerate(ious[i], start=1))
         idcg = sum(g / np.log2(r + 1) for r, g in enumerate(sorted(all_ious, reverse=True)[:k], start=1))
-        assert scores["ndcg"][i] == pytest.approx(dcg / idcg if idcg else 0.0)
+        assert gains[i] == pytest.approx(dcg / idcg if idcg else 0.0)
+
+
+def test_single_label_scores_equal_pytorch_metric_learnings_accuracy_calculator():
+    """One tag an image: the three relevance definitions coincide with "same class", and over the whole ranking
+    (k = the gallery) AP is PML's mean_average_precision, the first rank its precision_at_1, and MRR its
+    mean_reciprocal_rank."""
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    rng = np.random.default_rng(3)
+    classes, n, q = 6, 120, 40
+    centres = rng.normal(size=(classes, 8))
+    g_class, q_class = rng.integers(0, classes, n), rng.integers(0, classes, q)
+    gallery = (centres[g_class] + rng.normal(size=(n, 8))).astype(np.float32)
+    queries = (centres[q_class] + rng.normal(size=(q, 8))).astype(np.float32)
+    g_labels, q_labels = np.eye(classes, dtype=np.uint8)[g_class], np.eye(classes, dtype=np.uint8)[q_class]
+    order = exact_neighbours(gallery, queries, n, "cpu")
+    _, relevant_total = ideal_gains(g_labels, q_labels, n)
+    relevant = relevance(q_labels, g_labels[order])
+    assert all(np.array_equal(relevant[""], relevant[suffix]) for suffix in RELEVANCE)
+    ours = ranking_scores(relevant[""], relevant_total[""])
+    pml = AccuracyCalculator(include=("precision_at_1", "mean_average_precision", "mean_reciprocal_rank"), k=None,
+                             device=torch.device("cpu")).get_accuracy(queries, q_class, gallery, g_class,
+                                                                     ref_includes_query=False)  # fmt: skip
+    assert ours["ap"].mean() == pytest.approx(pml["mean_average_precision"], abs=1e-6)
+    assert ranking_scores(relevant[""][:, :1], relevant_total[""])["precision"].mean() == pytest.approx(pml["precision_at_1"])
+    assert ours["mrr"].mean() == pytest.approx(pml["mean_reciprocal_rank"], abs=1e-6)
+    hits_at_5 = [(q_class[i] == g_class[order[i, :5]]).any() for i in range(q)]  # recall@5, the hit rate
+    assert ranking_scores(relevant[""][:, :5], relevant_total[""])["recall"].mean() == pytest.approx(np.mean(hits_at_5))
 
 
 def test_summary_and_paired_test_against_numpy_and_scipy():

@@ -84,10 +84,13 @@ def test_a_finished_remote_build_is_replaced_only_with_overwrite_and_only_our_fi
     fs.pipe(f"{url}/train-000099.tar", b"an earlier build's shard")
     fs.pipe(f"{url}/notes.txt", b"the user's")
     capsys.readouterr()
-    assert main(build) == 2
-    assert error_line(capsys.readouterr().err) == f"imret: error: {url} holds a finished build: pass --overwrite to replace it"
+    assert main([*build, "--samples-per-shard", "50"]) == 0  # the same inputs: nothing to do
+    assert main(build) == 2  # other inputs (shards of 1000)
+    assert error_line(capsys.readouterr().err) == (f"imret: error: {url} holds a finished build (of other inputs, or an "
+                                                   f"older imret's): pass --overwrite to replace it")  # fmt: skip
     assert main([*build, "--overwrite"]) == 0
-    assert storage.listdir(url) == ["manifest.json", "notes.txt", "train-000000.tar", "val-000000.tar"]
+    assert storage.listdir(url) == [".train-000000.tar.done.json", ".val-000000.tar.done.json", "manifest.json",
+                                    "notes.txt", "train-000000.tar", "val-000000.tar"]  # fmt: skip
     assert main(["shards", "verify", url]) == 0
 
 

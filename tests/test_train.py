@@ -18,7 +18,7 @@ from imret.config import load_recipe
 from imret.errors import ImretError
 from imret.train import Terminated, TrainingError, train
 
-RECIPES = sorted(p for p in (Path(__file__).parents[1] / "recipes").glob("*.yaml") if p.name != "study.yaml")
+RECIPES = sorted(p for p in (Path(__file__).parents[1] / "recipes").glob("*.yaml") if not p.name.startswith("study"))
 
 
 def recipe(tmp_path, shards, name="t", extra=()):
@@ -217,7 +217,13 @@ def test_every_recipe_runs_in_debug_mode(tmp_path, train_shards, path, monkeypat
     monkeypatch.chdir(tmp_path)
     overrides = [f"data.shards={train_shards}", "data.image_size=32", "data.load_size=40", "data.workers=0"]
     resolved = load_recipe(path, overrides)
-    if resolved.model.init == "imagenet":  # offline here: a local weights file stands in for the hub download
+    if resolved.model.backbone.startswith("timm:"):  # offline here: a local file of the model's tensors
+        import timm
+
+        weights = tmp_path / "timm.pth"
+        torch.save(timm.create_model(resolved.model.backbone[5:], num_classes=0).state_dict(), weights)
+        overrides.append(f"model.weights={weights}")
+    elif resolved.model.init == "imagenet":  # offline here: a local weights file stands in for the hub download
         torch.save(resnet18().state_dict(), tmp_path / "imagenet.pth")
         overrides.append(f"model.weights={tmp_path / 'imagenet.pth'}")
     if resolved.model.init == "run":
@@ -331,19 +337,56 @@ def test_two_ranks_at_batch_b_reach_the_weights_of_one_process_at_batch_2b(tmp_p
     assert not torch.allclose(start["trunk.0.weight"], a["trunk.0.weight"], atol=1e-3)  # training moved them
 
 
-def test_triplet_validation_is_the_same_on_one_rank_and_on_two(tmp_path, train_shards):
-    """The untrained model (rank 0's start on both) validated on 1 rank and on 2, batches falling differently."""
+METRIC_LOSSES = ["triplet", "multi_similarity", "contrastive", "supcon", "circle"]
+
+
+def test_metric_validation_is_the_same_on_one_rank_and_on_two(tmp_path, train_shards):
+    """The untrained model (rank 0's start on both) validated on 1 rank and on 2, batches falling differently, for
+    every pair-based loss: a seeded sample of 100 of the 160 validation images, in chunks of 32 (a loss per chunk,
+    weighted by what the chunk holds)."""
     path = tmp_path / "recipe.yaml"
     path.write_text("")
     common = tiny_recipe_overrides(train_shards, tmp_path / "runs") + [
-        "task.name=triplet", "train.max_epochs=1", "train.steps_per_epoch=1", "data.batch_size_per_device=24"]  # fmt: skip
-    result = torchrun("-m", "imret", "train", str(path), *[a for o in common + ["run.name=two"] for a in ("--set", o)])
+        "task.name=triplet", "train.max_epochs=1", "train.steps_per_epoch=1", "data.batch_size_per_device=24",
+        "task.val_sample=100", "task.val_chunk=32"]  # fmt: skip
+    result = torchrun(str(Path(__file__).parent / "ddp_validation_probe.py"), str(path), ",".join(METRIC_LOSSES), *common)
     assert result.returncode == 0, result.stderr[-3000:]
+    for name in METRIC_LOSSES:
+        one = train(load_recipe(path, common + [f"loss.name={name}", f"run.name=one-{name}", "data.batch_size_per_device=16"]))
+        single, double = records(one, "val")[0], records(tmp_path / "runs" / f"two-{name}", "val")[0]
+        count = "triplets" if name == "triplet" else "positive_pairs"
+        assert single["step"] == double["step"] == 0 and single[count] == double[count] > 0, name
+        assert 60 < single["sampled"] < 140 and single["sampled"] == double["sampled"], name  # a sample, in chunks
+        for metric in set(single) - {"epoch", "step", "split"}:
+            assert single[metric] == pytest.approx(double[metric], rel=1e-5, abs=1e-6), (name, metric)
+
+
+def test_a_gathered_pair_loss_on_two_ranks_steps_as_one_process_on_the_global_batch(tmp_path, synth_dir, monkeypatch):
+    """loss.gather: each rank's loss sees both ranks' embeddings; with shards of B and no shuffling, two ranks at B
+    reach the weights of one process at 2B (as for classification, test above), a model without BatchNorm."""
+    from imret.data.build import build_shards
+    from imret.models import BACKBONES
+    from shard_tools import register_no_norm_backbone
+
+    shards = tmp_path / "shards"
+    build_shards(synth_dir, "folder", shards, val_fraction=0.2, samples_per_shard=8, workers=0)
+    common = tiny_recipe_overrides(shards, tmp_path / "runs") + [
+        "model.backbone=no-norm", "data.shuffle_buffer=0", "train.max_epochs=1", "optim.lr=0.01", "task.name=triplet",
+        "loss.name=supcon", "loss.gather=true", "train.steps_per_epoch=3"]  # fmt: skip
+    path = tmp_path / "recipe.yaml"
+    path.write_text("")
+    result = torchrun(str(Path(__file__).parent / "ddp_train_probe.py"), str(path), str(tmp_path), "no-norm",
+                      *common, "run.name=two", "data.batch_size_per_device=8")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "rank0.json").read_text()) == {"ok": True}
+    monkeypatch.setitem(BACKBONES, "no-norm", None)
+    register_no_norm_backbone()
     one = train(load_recipe(path, common + ["run.name=one", "data.batch_size_per_device=16"]))
-    single, double = records(one, "val")[0], records(tmp_path / "runs" / "two", "val")[0]
-    assert single["step"] == double["step"] == 0 and single["triplets"] == double["triplets"] > 0
-    for metric in ("loss", "active_fraction", "pos_distance", "neg_distance", "val_iou_at_5", "sampled"):
-        assert single[metric] == pytest.approx(double[metric], rel=1e-5, abs=1e-6), metric
+    a, b = final_weights(one), final_weights(tmp_path / "runs" / "two")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    alone = train(load_recipe(path, common + ["run.name=alone", "data.batch_size_per_device=8"]))
+    assert not torch.allclose(final_weights(alone)["head.weight"], b["head.weight"], atol=1e-4)  # half the batch differs
 
 
 def test_auto_precision_reads_a_plain_launchs_no_as_no_choice(monkeypatch):

@@ -11,13 +11,12 @@ the whole module, which is the test that nothing in it waits on the host.
 from __future__ import annotations
 
 import math
+from typing import Any, Protocol
 
 import kornia.enhance
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from imret.config import AugmentConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,12 +24,22 @@ JITTER_PROBABILITY = 0.8
 ASPECT_RATIOS = (3 / 4, 4 / 3)  # random resized crop, as torchvision and kornia draw them
 
 
+class AugmentSettings(Protocol):
+    """What the augmentation reads of a recipe's `augment` section (imret.config.AugmentConfig)."""
+
+    crop: str  # none | random | random_resized
+    crop_scale_min: float
+    hflip: bool
+    color_jitter: float
+
+
 class DeviceAugment(nn.Module):
     """Train: the recipe's crop, flip and colour jitter. Eval: a centre crop. Both: background zeroing (when
-    asked) and ImageNet normalisation. Returns (images float [B,3,S,S], masks float {0,1} [B,1,S,S] or None)."""
+    asked) and the model's normalisation (`normalisation`: mean, std and the interpolation of a resized crop;
+    ImageNet's and bilinear when not given). Returns (images float [B,3,S,S], masks float {0,1} [B,1,S,S] or None)."""
 
-    def __init__(self, cfg: AugmentConfig, image_size: int, load_size: int, training: bool,
-                 zero_background: bool = False):  # fmt: skip
+    def __init__(self, cfg: AugmentSettings, image_size: int, load_size: int, training: bool,
+                 zero_background: bool = False, normalisation: dict[str, Any] | None = None):  # fmt: skip
         super().__init__()
         self.size, self.load_size = image_size, load_size
         self.crop = cfg.crop if training else "none"
@@ -38,8 +47,10 @@ class DeviceAugment(nn.Module):
         self.hflip = training and cfg.hflip
         self.jitter = cfg.color_jitter if training else 0.0
         self.zero_background = zero_background
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        normalisation = normalisation or {}
+        self.interpolation = normalisation.get("interpolation", "bilinear")
+        self.register_buffer("mean", torch.tensor(normalisation.get("mean", IMAGENET_MEAN)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(normalisation.get("std", IMAGENET_STD)).view(1, 3, 1, 1), persistent=False)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -47,7 +58,9 @@ class DeviceAugment(nn.Module):
         m = masks.to(x.device, non_blocking=True).float() if masks is not None else None
         if self.crop != "none" or self.hflip:
             grid = F.affine_grid(self.draw_boxes(len(x), x.device), [len(x), 1, self.size, self.size], align_corners=False)
-            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+            x = F.grid_sample(x, grid, mode=self.interpolation, padding_mode="border", align_corners=False)
+            if self.interpolation == "bicubic":  # cubic weights overshoot past the pixel range
+                x = x.clamp_(0.0, 1.0)
             m = F.grid_sample(m, grid, mode="nearest", align_corners=False) if m is not None else None
         elif self.load_size != self.size:
             x, m = centre_crop(x, self.size), centre_crop(m, self.size) if m is not None else None
@@ -110,10 +123,12 @@ def colour_jitter(x: torch.Tensor, strength: float) -> torch.Tensor:
     return kornia.enhance.adjust_hue(x, factor(0.1 * strength, 0.0) * 2 * math.pi)
 
 
-def denormalise(images: torch.Tensor) -> torch.Tensor:
-    """Normalised images back to [0, 1] RGB, for figures."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+def denormalise(images: torch.Tensor, normalisation: dict[str, Any] | None = None) -> torch.Tensor:
+    """Normalised images back to [0, 1] RGB (ImageNet's normalisation unless another is given), for figures and
+    for masking an image after its normalisation."""
+    normalisation = normalisation or {}
+    mean = torch.tensor(normalisation.get("mean", IMAGENET_MEAN), device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(normalisation.get("std", IMAGENET_STD), device=images.device).view(1, 3, 1, 1)
     return images.float() * std + mean
 
 

@@ -141,6 +141,14 @@ def open_seekable(location: str | Path) -> BinaryIO:
     return _retrying(location, lambda: fs.open(str(location), "rb", block_size=1 << 16))
 
 
+def read_bytes(location: str | Path) -> bytes:
+    """A whole (small) file: a source image, a mask, an annotation."""
+    if not is_remote(location):
+        return _local(location, lambda: Path(location).read_bytes())
+    fs = _filesystem_for(location)
+    return _retrying(location, lambda: fs.cat_file(str(location)))
+
+
 def read_text(location: str | Path) -> str:
     if not is_remote(location):
         return _local(location, lambda: Path(location).read_text(encoding="utf-8"))
@@ -154,6 +162,17 @@ def exists(location: str | Path) -> bool:
         return Path(location).exists()
     fs = _filesystem_for(location)
     return _retrying(location, lambda: fs.exists(str(location)))
+
+
+def size(location: str | Path) -> int | None:
+    """A file's size in bytes, or None when there is no such file."""
+    if not is_remote(location):
+        return Path(location).stat().st_size if Path(location).is_file() else None
+    fs = _filesystem_for(location)
+    try:
+        return int(_retrying(location, lambda: fs.size(str(location))))
+    except NotFound:
+        return None
 
 
 def listdir(location: str | Path) -> list[str]:

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import hashlib
-
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +9,7 @@ import torch
 from torch import nn
 
 from imret.config import Recipe
-from imret.models import initialise_trunk, make_backbone
+from imret.models import imagenet_normalisation, make_backbone
 
 
 class Task:
@@ -24,12 +23,15 @@ class Task:
         self.val_samples = val_samples  # the validation split's size, for tasks that sample it
         self.initialisation = ""
         self.embedding_dim = 0
+        self.normalisation = imagenet_normalisation()  # the backbone's, once build_model has made it
 
     def make_trunk(self) -> tuple[nn.Module, int]:
         model = self.recipe.model
-        trunk, features = make_backbone(model.backbone)
-        self.initialisation = initialise_trunk(trunk, model.backbone, model.init, model.weights)
-        return trunk, features
+        backbone = make_backbone(model.backbone, self.recipe.data.image_size, model.init, model.weights)
+        self.initialisation, self.normalisation = backbone.initialisation, backbone.normalisation
+        if model.grad_checkpointing:
+            backbone.trunk.set_grad_checkpointing(True)
+        return backbone.trunk, backbone.features
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError

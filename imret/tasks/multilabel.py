@@ -93,7 +93,7 @@ class MultilabelTask(Task):
         prob = torch.sigmoid(model(images[:count]).float()).cpu().numpy()
         fig, axes = plt.subplots(1, count, figsize=(2.4 * count, 3.2), squeeze=False)
         for i, ax in enumerate(axes[0]):
-            ax.imshow(denormalise(images[i : i + 1])[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy())
+            ax.imshow(denormalise(images[i : i + 1], self.normalisation)[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy())
             predicted = [c for c, p in zip(self.classes, prob[i]) if p >= self.threshold]
             true = [c for c, t in zip(self.classes, labels[i].tolist()) if t]
             ax.set_title(f"pred: {', '.join(predicted[:4])}\ntrue: {', '.join(true)}", fontsize=7)

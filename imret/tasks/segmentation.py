@@ -12,7 +12,7 @@ from torch import nn
 from imret.data.augment import denormalise
 from imret.losses import dice_loss
 from imret.metrics import mask_iou
-from imret.models import SegmentationNet, initialise_trunk
+from imret.models import TIMM_PREFIX, SegmentationNet, initialise_encoder, timm_normalisation
 from imret.tasks.base import Task, cpu
 
 
@@ -21,14 +21,12 @@ class SegmentationTask(Task):
     needs_masks = True
 
     def build_model(self) -> nn.Module:
-        model = SegmentationNet()
         m = self.recipe.model
-        if m.backbone != "resnet18":
-            from imret.errors import ImretError
-
-            raise ImretError(f"model.backbone: segmentation uses a ResNet18 U-Net, got '{m.backbone}'")
-        self.initialisation = initialise_trunk(model.unet.encoder, m.backbone, m.init, m.weights)
-        self.embedding_dim = 512
+        model = SegmentationNet(m.backbone)
+        self.initialisation = initialise_encoder(model.unet, m.backbone, m.init, m.weights)
+        self.embedding_dim = model.embedding_dim
+        if m.backbone.startswith(TIMM_PREFIX):
+            self.normalisation = timm_normalisation(m.backbone.removeprefix(TIMM_PREFIX))
         return model
 
     def train_loss(self, model, images, masks, labels, epoch):
@@ -51,7 +49,7 @@ class SegmentationTask(Task):
         count = min(6, len(images))
         pred = (torch.sigmoid(model(images[:count]).float()) > 0.5).squeeze(1).cpu().numpy()
         true = masks[:count].squeeze(1).cpu().numpy()
-        shown = denormalise(images[:count]).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        shown = denormalise(images[:count], self.normalisation).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         fig, axes = plt.subplots(count, 3, figsize=(6, 2 * count), squeeze=False)
         for row in range(count):
             for col, (picture, title) in enumerate([(shown[row], "image"), (true[row], "true mask"), (pred[row], "prediction")]):
