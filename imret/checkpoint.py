@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from imret.errors import ImretError, writing
+
 MARKER = "COMPLETE"
 NAME = re.compile(r"step-(\d{9})")
 
@@ -63,18 +65,47 @@ def staging_dir(directory: Path, step: int) -> Path:
     return directory / f".tmp-step-{step:09d}"
 
 
+def save_file(obj: Any, path: Path) -> None:
+    """torch.save through a Python file, synced to disk: torch's own file writer reports a full disk as an opaque
+    RuntimeError; through a file it is an OSError, which becomes one line with the space free and needed."""
+    with writing(path, state_bytes(obj), cleanup=lambda: path.unlink(missing_ok=True)):
+        with open(path, "wb") as handle:
+            try:
+                torch.save(obj, handle)
+            except RuntimeError as exc:  # the zip writer's closing step fails after the write did: that is the cause
+                if isinstance(exc.__context__, OSError):
+                    raise exc.__context__ from None
+                raise
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def state_bytes(obj: Any) -> int:
+    """About what torch.save writes for `obj`: the bytes of its tensors."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(value) for value in obj)
+    return 0
+
+
 def write_rank_rng(stage: Path, rank: int) -> None:
-    path = stage / f"rng-rank{rank}.pt"
-    torch.save(rng_state(), path)
-    _fsync_file(path)
+    save_file(rng_state(), stage / f"rng-rank{rank}.pt")
 
 
 def finish_checkpoint(directory: Path, stage: Path, state: dict[str, Any], step: int, keep: int) -> Path:
-    """Rank 0, after every rank wrote its RNG file into `stage`: write the state, the marker, rename, prune."""
-    torch.save(state, stage / "state.pt")
-    _fsync_file(stage / "state.pt")
-    (stage / MARKER).write_text(f"{step}\n")
-    _fsync_file(stage / MARKER)
+    """Rank 0, after every rank wrote its RNG file into `stage`: write the state, the marker, rename, prune. A write
+    that fails (a full disk) removes the stage, so the checkpoints before it stay the newest complete ones."""
+    try:
+        save_file(state, stage / "state.pt")
+        with writing(stage / MARKER):
+            (stage / MARKER).write_text(f"{step}\n")
+            _fsync_file(stage / MARKER)
+    except ImretError:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     final = directory / f"step-{step:09d}"
     if final.exists():  # the same step saved again after a resume: retire the old one in one rename, since
         retired = directory / f".old-step-{step:09d}"  # a kill during rmtree could leave a marked, gutted one

@@ -7,6 +7,7 @@ are forked before torch is loaded.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from imret.errors import ImretError, one_line
+from imret.errors import ImretError, one_line, write_failed
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:
@@ -65,6 +66,22 @@ def cmd_recipe_show(args: argparse.Namespace) -> None:
     print(recipe_to_yaml(load_recipe(args.recipe, args.set)), end="")
 
 
+def cmd_recipe_list(args: argparse.Namespace) -> None:
+    from imret.shipped import list_shipped
+
+    shipped = list_shipped()
+    width = max(len(name) for name, _ in shipped)
+    for name, description in shipped:
+        print(f"{name:{width}s}  {description}")
+
+
+def cmd_recipe_copy(args: argparse.Namespace) -> None:
+    from imret.shipped import copy_shipped
+
+    written = copy_shipped(args.name, args.dest, overwrite=args.overwrite)
+    print(f"copied {len(written)} file(s) under {args.dest}" + (f": {written[0]}" if len(written) == 1 else ""))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from imret.config import load_recipe
     from imret.train import Terminated, train
@@ -94,7 +111,7 @@ def cmd_index_build(args: argparse.Namespace) -> None:
 def cmd_search(args: argparse.Namespace) -> None:
     from imret.search import format_results, search_files
 
-    results = search_files(args.index_dir, args.images, k=args.k, masked=args.masked, tags=args.tags)
+    results = search_files(args.index_dir, args.images, k=args.k, masked=args.masked, tags=args.tags, model=args.model)
     print(json.dumps(results, indent=1) if args.json else format_results(results))
 
 
@@ -110,7 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_study(args: argparse.Namespace) -> None:
     from imret.study import load_study, run_study
 
-    print(f"report: {run_study(load_study(args.recipe, args.set))}")
+    print(f"report: {run_study(load_study(args.recipe, args.set), debug=args.debug, train_sets=args.train_set)}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -163,22 +180,42 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if any(check.status == "error" for check in checks) else 0
 
 
+def add_command(commands, name: str, summary: str, examples: list[str], func=None) -> argparse.ArgumentParser:
+    """A command or subcommand whose --help says what it does (its one-line summary, also in its parent's list) and
+    how it is typed (examples, as README gives them)."""
+    parser = commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                                 epilog="examples:\n" + "\n".join(f"  {example}" for example in examples),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    if func is not None:
+        parser.set_defaults(func=func)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imret", description="Train and compare apparel image-retrieval models.")
+    parser = argparse.ArgumentParser(prog="imret", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description="Train and compare apparel image-retrieval models.",
+                                     epilog="start here:\n  imret demo\n  imret doctor\n  imret COMMAND --help")  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    data = commands.add_parser("data", help="datasets").add_subparsers(dest="action", required=True)
-    synth = data.add_parser("synth", help="write the embedded synthetic apparel dataset (folder layout)")
+    data = add_command(commands, "data", "datasets: draw the embedded synthetic one",
+                       ["imret data synth data/synth --images 2000 --size 96 --seed 0"]).add_subparsers(dest="action", required=True)  # fmt: skip
+    synth = add_command(data, "synth", "write the embedded synthetic apparel dataset (folder layout)",
+                        ["imret data synth data/synth --images 2000 --size 96 --seed 0"], cmd_data_synth)  # fmt: skip
     synth.add_argument("out", metavar="OUT")
     synth.add_argument("--images", type=int, default=2000)
     synth.add_argument("--size", type=int, default=96, help="image side in pixels")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
-    synth.set_defaults(func=cmd_data_synth)
 
-    shards = commands.add_parser("shards", help="WebDataset shards").add_subparsers(dest="action", required=True)
-    build = shards.add_parser("build", help="turn a dataset into shards + manifest.json")
-    build.add_argument("src", metavar="SRC")
+    shards = add_command(commands, "shards", "WebDataset shards: build them from a dataset, verify them, describe them",
+                         ["imret shards build data/synth --format folder --out shards/synth",
+                          "imret shards verify shards/synth"]).add_subparsers(dest="action", required=True)  # fmt: skip
+    build = add_command(shards, "build", "turn a dataset into shards and manifest.json, on this machine or a Ray "
+                        "cluster; run it again to resume a stopped build", [
+                            "imret shards build data/synth --format folder --out shards/synth",
+                            "imret shards build ~/data/imaterialist --format imaterialist --out s3://datasets/imat "
+                            "--max-side 320 --engine ray --address head-node:6379"], cmd_shards_build)  # fmt: skip
+    build.add_argument("src", metavar="SRC", help="the dataset: a directory, or a URL (s3://...)")
     build.add_argument("--format", required=True, choices=["folder", "imaterialist", "ccp"])
     build.add_argument("--out", required=True, metavar="LOCATION", help="a directory, or a URL: s3://bucket/prefix, gs://...")
     build.add_argument("--val-fraction", type=float, default=0.1, help="chooses each model's epoch and threshold")
@@ -198,27 +235,38 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--overwrite", action="store_true", help="replace a finished build in DIR")
     build.add_argument("--strict", action="store_true", help="fail, writing no manifest, if any sample is rejected")
     build.add_argument("--require-masks", action="store_true", help="reject samples that have no mask")
-    build.set_defaults(func=cmd_shards_build)
-    verify = shards.add_parser("verify", help="re-hash every shard against the manifest")
+    verify = add_command(shards, "verify", "re-hash every shard against the manifest; exit 1 on any mismatch",
+                         ["imret shards verify shards/synth"], cmd_shards_verify)  # fmt: skip
     verify.add_argument("dir", metavar="LOCATION", help="a shard directory or URL")
-    verify.set_defaults(func=cmd_shards_verify)
-    info = shards.add_parser("info", help="summarise a shard build")
+    info = add_command(shards, "info", "summarise a shard build: classes, counts, sizes, rejects",
+                       ["imret shards info shards/synth"], cmd_shards_info)  # fmt: skip
     info.add_argument("dir", metavar="LOCATION", help="a shard directory or URL")
-    info.set_defaults(func=cmd_shards_info)
 
-    recipe = commands.add_parser("recipe", help="recipes").add_subparsers(dest="action", required=True)
-    show = recipe.add_parser("show", help="print the fully resolved recipe")
+    recipe = add_command(commands, "recipe", "recipes: the shipped ones, where to edit them, and any one resolved",
+                         ["imret recipe list", "imret recipe copy all my-study",
+                          "imret recipe show recipes/finetune.yaml"]).add_subparsers(dest="action", required=True)  # fmt: skip
+    show = add_command(recipe, "show", "print a recipe fully resolved, every default filled in",
+                       ["imret recipe show recipes/finetune.yaml --set optim.lr=1e-3 --set data.workers=8"], cmd_recipe_show)  # fmt: skip
     show.add_argument("recipe", metavar="RECIPE")
     show.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    show.set_defaults(func=cmd_recipe_show)
+    add_command(recipe, "list", "list the recipes and launch configs that ship with imret", ["imret recipe list"],
+                cmd_recipe_list)  # fmt: skip
+    copy = add_command(recipe, "copy", "copy shipped recipes and launch configs where you edit them (DEST/recipes/, "
+                       "DEST/launch/)", ["imret recipe copy all my-study && cd my-study && imret study recipes/study.yaml --debug",
+                                         "imret recipe copy finetune ."], cmd_recipe_copy)  # fmt: skip
+    copy.add_argument("name", metavar="NAME", help="a name from imret recipe list (finetune, demo/study, launch/cpu), or all")
+    copy.add_argument("dest", metavar="DEST")
+    copy.add_argument("--overwrite", action="store_true", help="replace files already in DEST")
 
-    train = commands.add_parser("train", help="train a model (also under accelerate launch / torchrun)")
+    train = add_command(commands, "train", "train a model from a recipe (also under accelerate launch or torchrun; "
+                        "run it again to resume)", ["imret train recipes/scratch-aug.yaml --debug --set data.shards=shards/synth",
+                                                    "accelerate launch -m imret train recipes/finetune.yaml"], cmd_train)  # fmt: skip
     train.add_argument("recipe", metavar="RECIPE")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     train.add_argument("--debug", action="store_true", help="one process, 2 short epochs, timings and shapes")
-    train.set_defaults(func=cmd_train)
 
-    embed = commands.add_parser("embed", help="embed a split with a trained model (also under accelerate launch)")
+    embed = add_command(commands, "embed", "embed a split of the shards with a trained model (also under accelerate "
+                        "launch)", ["imret embed runs/finetune --shards shards/imaterialist --split train"], cmd_embed)  # fmt: skip
     embed.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or imagenet-resnet18")
     embed.add_argument("--shards", required=True, metavar="LOCATION", help="a shard directory or URL")
     embed.add_argument("--split", required=True, choices=["train", "val", "test"])
@@ -229,29 +277,33 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--layer", choices=["pooled", "head"], help="embed with this layer instead of the declared one")
     embed.add_argument("--decode", choices=["auto", "cpu", "gpu"], default="auto",
                        help="where JPEGs are decoded (gpu: nvJPEG on the device; auto: gpu on CUDA, else cpu)")
-    embed.set_defaults(func=cmd_embed)
 
-    index = commands.add_parser("index", help="FAISS index").add_subparsers(dest="action", required=True)
-    index_build = index.add_parser("build", help="index an embedding directory (EMB_DIR/index.faiss + sidecar)")
+    index = add_command(commands, "index", "FAISS indexes of embeddings",
+                        ["imret index build runs/finetune/embeddings/train"]).add_subparsers(dest="action", required=True)  # fmt: skip
+    index_build = add_command(index, "build", "index an embedding directory (EMB_DIR/index.faiss and its sidecar)",
+                              ["imret index build runs/finetune/embeddings/train --kind ivfpq"], cmd_index_build)  # fmt: skip
     index_build.add_argument("emb_dir", metavar="EMB_DIR")
     index_build.add_argument("--kind", choices=["flat", "ivfpq"], default="flat")
     index_build.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto",
                              help="auto: every GPU when there are CUDA GPUs (FAISS must have GPU support), else the CPU")
     index_build.add_argument("--float16", action="store_true", help="store vectors in half precision (flat: half the memory)")
-    index_build.set_defaults(func=cmd_index_build)
 
-    search = commands.add_parser("search", help="the nearest gallery images of any image (an index directory)")
-    search.add_argument("index_dir", metavar="INDEX_DIR", help="an index directory (imret index build, or a study's "
-                        "OUT/embeddings/<model>/<variant>-train)")  # fmt: skip
+    search = add_command(commands, "search", "the nearest gallery images of any image, from an index directory or a "
+                         "study's folder", ["imret search demo/study photo.jpg",
+                                            'imret search demo/study photo.jpg --model "classifier from scratch" --masked --json'],
+                         cmd_search)  # fmt: skip
+    search.add_argument("index_dir", metavar="INDEX_DIR|STUDY_DIR",
+                        help="an index directory (imret index build), or a study's output directory (as imret serve takes)")
     search.add_argument("images", nargs="+", metavar="IMAGE")
+    search.add_argument("--model", metavar="NAME", help="a study's row (default: its best by mean label IoU)")
     search.add_argument("--k", type=int, default=5, help="neighbours per image")
     search.add_argument("--masked", action="store_true",
-                        help="zero the background with the index's segmentation run (a masked index needs it)")
+                        help="the masked index: zero the background with its segmentation run first")
     search.add_argument("--tags", metavar="A;B", help="the query's tags: each neighbour's label IoU with them")
-    search.add_argument("--json", action="store_true")
-    search.set_defaults(func=cmd_search)
+    search.add_argument("--json", action="store_true", help="the neighbours and the index that answered, as JSON")
 
-    serve = commands.add_parser("serve", help="the search page and its HTTP API")
+    serve = add_command(commands, "serve", "the search page and its HTTP API over index directories or a study's folder",
+                        ["imret serve demo/study", "imret serve runs/finetune/embeddings/train --port 8080"], cmd_serve)  # fmt: skip
     serve.add_argument("index_dirs", nargs="+", metavar="INDEX_DIR",
                        help="index directories, or a study's output directory (every model, original and masked)")
     serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to answer other machines")
@@ -259,36 +311,44 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-upload-mb", type=float, default=8.0, help="larger uploads get a 413")
     serve.add_argument("--max-batch", type=int, default=32,
                        help="queries embedded in one forward pass at most (1: one at a time, no batching)")
-    serve.set_defaults(func=cmd_serve)
 
-    study = commands.add_parser("study", help="run every stage of a study recipe, skipping finished ones")
+    study = add_command(commands, "study", "run every stage of a study recipe (shards, training, embedding, indexes, "
+                        "scores, report), skipping finished ones", ["imret study recipes/study.yaml --debug",
+                                                                    "imret study recipes/study.yaml --train-set data.workers=8"],
+                        cmd_study)  # fmt: skip
     study.add_argument("recipe", metavar="RECIPE")
-    study.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    study.set_defaults(func=cmd_study)
+    study.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="a study setting; lists in YAML flow style: --set 'train.overrides=[a.b=1, c.d=2]'")
+    study.add_argument("--train-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="a setting of every training recipe, after train.overrides")
+    study.add_argument("--debug", action="store_true", help="a smoke run: every stage at debug sizes on a sample of "
+                       "the source, in <study.out>-debug/")  # fmt: skip
 
-    demo = commands.add_parser("demo", help="the study on the embedded synthetic data, on the CPU")
+    demo = add_command(commands, "demo", "the whole study on the embedded synthetic data, on the CPU, in minutes",
+                       ["imret demo --out demo --seed 1"], cmd_demo)  # fmt: skip
     demo.add_argument("--out", default="demo", metavar="DIR")
     demo.add_argument("--seed", type=int, default=0, help="seeds training and the queries; the data stay the same")
-    demo.set_defaults(func=cmd_demo)
 
-    bench = commands.add_parser("bench", help="measure throughput against a plain baseline")
+    bench = add_command(commands, "bench", "measure throughput against a plain baseline in the same run",
+                        ["imret bench loader --workers 2 --size 96", "imret bench gpu --json --out bench-gpu.jsonl"],
+                        cmd_bench)  # fmt: skip
     bench.add_argument("what", choices=["loader", "train", "embed", "faiss", "build", "gpu", "scale", "serve"],
-                       help="gpu: every GPU figure in one run, under 5 minutes (its sizes are fixed); scale: merge, "
-                            "index, score and opening the index (memory-mapped, and read whole) at growing gallery "
-                            "sizes, time and memory; serve: imret serve under 1, 8 and 32 concurrent clients")  # fmt: skip
-    bench.add_argument("--images", type=int, help="dataset size (loader, default 2000) or gallery size (faiss: 2000, "
-                       "serve: 100000)")  # fmt: skip
-    bench.add_argument("--size", type=int, default=96, help="side of the images the loader yields")
+                       help="gpu: every GPU figure in one run, under 4 minutes (its sizes are fixed); build: the local "
+                            "pool against Ray; scale: merge, index, score and opening the index at growing gallery "
+                            "sizes; serve: imret serve under 1, 8 and 32 concurrent clients")  # fmt: skip
+    bench.add_argument("--images", type=int, help="dataset size (loader, build: default 2000) or gallery size (faiss: "
+                       "2000, serve: 100000)")  # fmt: skip
+    bench.add_argument("--size", type=int, default=96, help="image side (loader: what it yields; build: the photos')")
     bench.add_argument("--workers", type=int, default=2)
     bench.add_argument("--sizes", default="100000,1000000,10000000", help="scale: gallery sizes, comma-separated")
     bench.add_argument("--json", action="store_true", help="one JSON object on stdout (gpu: its summary on stderr)")
     bench.add_argument("--out", metavar="FILE", help="also write the figures here as JSON lines (gpu: one a stage, "
                        "as each is measured)")  # fmt: skip
-    bench.set_defaults(func=cmd_bench)
 
-    doctor = commands.add_parser("doctor", help="check this machine: Python, torch, CUDA, GPUs, NCCL, nvJPEG, FAISS, ...")
+    doctor = add_command(commands, "doctor", "check this machine for imret: Python, torch, CUDA, each GPU, NCCL, "
+                         "nvJPEG, FAISS and its GPU probe, shared memory, cores, accelerate, W&B",
+                         ["imret doctor", "imret doctor --json"], cmd_doctor)  # fmt: skip
     doctor.add_argument("--json", action="store_true", help='{"checks": [{"name", "status", "detail", "fix"}]}')
-    doctor.set_defaults(func=cmd_doctor)
     return parser
 
 
@@ -302,6 +362,16 @@ def main(argv: list[str] | None = None) -> int:
         code = int(args.func(args) or 0)
     except ImretError as exc:
         print(f"imret: error: {one_line(exc)}", file=sys.stderr)
+        code = 2
+    except BrokenPipeError:  # `imret recipe list | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # a full disk under a write imret does not wrap itself (a plot, a log line): still one line, with the file
+        failed = write_failed(exc.filename, exc) if exc.filename else ImretError(f"a write failed: {exc.strerror}")
+        print(f"imret: error: {one_line(failed)}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("imret: interrupted", file=sys.stderr)

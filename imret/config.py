@@ -333,7 +333,11 @@ def _set_field(recipe: Any, section: str, key: str, value: Any, *, from_text: bo
 
 
 def _from_text(where: str, text: str, hint: Any) -> Any:
-    """A command-line value is text, not YAML: convert it by the field's type (so 3e-4 is a float)."""
+    """A command-line value is text, not YAML: convert it by the field's type (so 3e-4 is a float); a list or a
+    mapping is written in YAML's flow style (`[a=1, b=2]`, `{name: recipe.yaml}`) and replaces the recipe's."""
+    if typing.get_origin(hint) in (list, dict):
+        value = parse_yaml(text)
+        return [] if value is None and typing.get_origin(hint) is list else value
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if text.lower() in ("null", "none", "~"):
             return None

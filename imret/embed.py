@@ -36,7 +36,8 @@ from imret.data.prefetch import DevicePrefetcher
 from imret.data.manifest import load_manifest, manifest_hash, sha256_file, write_json_atomic
 from imret.data.shards import ShardBatches, shard_files
 from imret.data.storage import is_remote, require_local
-from imret.errors import ImretError
+from imret.distributed import init_process_group
+from imret.errors import ImretError, writing
 from imret.keyfile import KeyFile, KeyWriter
 from imret.models import RetrievalNet, make_backbone
 from imret.parts import collect_parts
@@ -146,8 +147,9 @@ def mask_path(cache: Path, shard: Path) -> Path:
 def write_masks(path: Path, masks: np.ndarray) -> None:
     """Bit-packed and compressed: a 224 px mask is 49 KiB as bytes, 6 KiB packed, and less once compressed."""
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")  # another job may share this cache
-    np.savez_compressed(tmp, packed=np.packbits(masks.astype(bool), axis=-1), side=masks.shape[-1] if masks.size else 0)
-    os.replace(tmp, path)
+    with writing(path, cleanup=lambda: tmp.unlink(missing_ok=True)):
+        np.savez_compressed(tmp, packed=np.packbits(masks.astype(bool), axis=-1), side=masks.shape[-1] if masks.size else 0)
+        os.replace(tmp, path)
 
 
 def read_masks(path: Path) -> np.ndarray:
@@ -207,8 +209,9 @@ def embed(source: str, shards: str | Path, split: str, mask_with: str | None = N
     require_local(out, "--out")
     # PartialState, not an Accelerator: a study may already hold one with another mixed-precision setting. The
     # other ranks wait while rank 0 merges: under the recipes' collective timeout, not torch's 10 minutes
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"),
-                         timeout=timedelta(seconds=TrainConfig().collective_timeout_s))  # fmt: skip
+    timeout = timedelta(seconds=TrainConfig().collective_timeout_s)
+    init_process_group(timeout, parse_flag_from_env("ACCELERATE_USE_CPU"))
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timeout)
     decode = resolve_decode(decode, state.device)
     check_decode_device(decode, state.device)
     if workers is None:  # a GPU embeds far faster than one process decodes
@@ -351,15 +354,18 @@ class Part:
 
 
 def write_part(path: Path, part: Part, dim: int, classes: int) -> None:
-    """One shard's part, on disk before its name says it is there: an existing part counts as done."""
+    """One shard's part, on disk before its name says it is there: an existing part counts as done. A write that
+    fails (a full disk) leaves no draft behind and the parts before it as they were."""
     tmp = path.with_name(f".{path.stem}.tmp.npz")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, keys=np.array(part.keys, dtype=object).astype(str),
-                 labels=np.concatenate(part.labels) if part.labels else np.zeros((0, classes), np.uint8),
-                 embeddings=torch.cat(part.vectors).cpu().numpy() if part.vectors else np.zeros((0, dim), np.float32))  # fmt: skip
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    keys = np.array(part.keys, dtype=object).astype(str)
+    labels = np.concatenate(part.labels) if part.labels else np.zeros((0, classes), np.uint8)
+    vectors = torch.cat(part.vectors).cpu().numpy() if part.vectors else np.zeros((0, dim), np.float32)
+    with writing(path, keys.nbytes + labels.nbytes + vectors.nbytes, cleanup=lambda: tmp.unlink(missing_ok=True)):
+        with open(tmp, "wb") as handle:
+            np.savez(handle, keys=keys, labels=labels, embeddings=vectors)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
 
 
 def merge_parts(out: Path, part_paths: list[Path], meta: dict, fingerprint: dict, manifest: dict, split: str,
@@ -376,17 +382,18 @@ def merge_parts(out: Path, part_paths: list[Path], meta: dict, fingerprint: dict
     expected = manifest["splits"][split]["samples"]
     if total != expected:
         log.warning("%s: %d of %d samples embedded (the rest failed to decode; see the warnings above)", out, total, expected)
-    vectors = NpyWriter(out / "embeddings.npy", np.float32, (total, dim))
-    labels = NpyWriter(out / "labels.npy", np.uint8, (total, classes))
-    keys = KeyWriter(out / "keys")
-    for path in part_paths:
-        with np.load(path, allow_pickle=False) as part:
-            vectors.add(part["embeddings"])
-            labels.add(part["labels"])
-            keys.add(part["keys"].tolist())
-    vectors.close()
-    labels.close()
-    keys.close()
+    with writing(out / "embeddings.npy", total * (dim * 4 + classes), cleanup=lambda: remove_drafts(out)):
+        vectors = NpyWriter(out / "embeddings.npy", np.float32, (total, dim))
+        labels = NpyWriter(out / "labels.npy", np.uint8, (total, classes))
+        keys = KeyWriter(out / "keys")
+        for path in part_paths:
+            with np.load(path, allow_pickle=False) as part:
+                vectors.add(part["embeddings"])
+                labels.add(part["labels"])
+                keys.add(part["keys"].tolist())
+        vectors.close()
+        labels.close()
+        keys.close()
     write_json_atomic(out / "meta.json", {
         "model": fingerprint["model"], "task": meta["task"], "layer": meta["embedding"]["layer"],
         "dim": dim, "count": total, "split": split, "mask_with": fingerprint["mask_with"],
@@ -397,6 +404,12 @@ def merge_parts(out: Path, part_paths: list[Path], meta: dict, fingerprint: dict
         "shards_manifest_hash": fingerprint["shards_manifest_hash"], "job": fingerprint,
     })  # fmt: skip
     log.info("%s: %d embeddings of dimension %d (%s layer)", out, total, dim, meta["embedding"]["layer"])
+
+
+def remove_drafts(out: Path) -> None:
+    """The merge's temporary files (a merge that failed half-way: the parts stay, and a rerun merges again)."""
+    for draft in out.glob(".*tmp*"):
+        draft.unlink(missing_ok=True)
 
 
 def absolute(location: str | None) -> str | None:

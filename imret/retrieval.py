@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from imret.data.manifest import write_json_atomic
-from imret.errors import ImretError
+from imret.errors import ImretError, write_failed
 from imret.faiss_build import gpu_count, load_faiss, set_declared
 from imret.metrics import label_iou
 
@@ -175,9 +175,12 @@ def save_index(index: Any, path: str | Path, sidecar: dict[str, Any]) -> None:
             faiss.write_index(index, faiss.PyCallbackIOWriter(handle.write))
             handle.flush()
             os.fsync(handle.fileno())
-    except (OSError, RuntimeError) as exc:
+    except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise ImretError(f"writing {path} failed: {getattr(exc, 'strerror', None) or str(exc).splitlines()[0]}") from None
+        raise write_failed(path, exc, int(index.sa_code_size() * index.ntotal) if hasattr(index, "sa_code_size") else None) from None
+    except RuntimeError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ImretError(f"writing {path} failed: {str(exc).splitlines()[0]}") from None
     meta = {**sidecar, "dim": int(index.d), "count": int(index.ntotal), "bytes": tmp.stat().st_size}
     os.replace(tmp, path)
     write_json_atomic(sidecar_path, meta)

@@ -31,6 +31,7 @@ from imret.metrics import label_iou
 from imret.retrieval import load_index, search
 
 MAX_K = 100
+VARIANTS = ("original", "masked")
 
 
 @dataclass
@@ -158,14 +159,64 @@ class Gallery:
         return row
 
 
+def find_indexes(paths: list[str]) -> list[tuple[str, str, Path]]:
+    """(model name, variant, index dir) of each index to serve: a study's output directory gives every compared
+    model's gallery, original and masked; an index directory gives itself, named after its model run."""
+    found = []
+    for path in map(Path, paths):
+        if (path / "retrieval.json").is_file() and (path / "embeddings").is_dir():
+            names = json.loads((path / "retrieval.json").read_text()).get("models", {})
+            for name in names:
+                for variant in VARIANTS:
+                    if (path / "embeddings" / name / f"{variant}-train" / INDEX_FILE).is_file():
+                        found.append((name, variant, path / "embeddings" / name / f"{variant}-train"))
+        elif (path / f"{INDEX_FILE}.json").is_file():
+            sidecar = json.loads((path / f"{INDEX_FILE}.json").read_text())
+            found.append((Path(sidecar["locations"]["model"]).name, "masked" if sidecar["mask_with"] else "original", path))
+        else:
+            raise ImretError(f"{path}: neither an index directory (index.faiss, imret index build) nor a study's "
+                             f"output directory (retrieval.json)")  # fmt: skip
+    seen: dict[tuple[str, str], Path] = {}
+    for name, variant, path in found:
+        if (name, variant) in seen:
+            raise ImretError(f"{seen[name, variant]} and {path} are both the {variant} index of {name}: serve one")
+        seen[name, variant] = path
+    if not found:
+        raise ImretError(f"no index in {', '.join(paths)}: a study writes its indexes when it scores")
+    return found
+
+
+def choose_index(target: str, model: str | None, masked: bool) -> tuple[str, str, Path]:
+    """The index `imret search` answers from: an index directory itself, or in a study's output directory the
+    `--model` row's (by default the row with the highest mean label IoU on the original images in retrieval.json),
+    original or masked as `--masked` says. (model name, variant, index directory)"""
+    found = find_indexes([target])
+    if (Path(target) / f"{INDEX_FILE}.json").is_file():
+        return found[0]
+    names = list(dict.fromkeys(name for name, _, _ in found))
+    if model is None:
+        results = json.loads((Path(target) / "retrieval.json").read_text())["results"]
+        model = max(names, key=lambda name: results.get(name, {}).get("original", {}).get("mean", -1.0))
+    elif model not in names:
+        raise ImretError(f"{target}: no model '{model}'{_did_you_mean(model, names)}; the study compared "
+                         f"{', '.join(names)}")  # fmt: skip
+    variant = "masked" if masked else "original"
+    for name, candidate, path in found:
+        if (name, candidate) == (model, variant):
+            return name, variant, path
+    raise ImretError(f"{target}: {model} has no {variant} index (the study had no segmentation run to mask with)")
+
+
 def check_k(k: int, gallery: int) -> None:
     if not 1 <= k <= min(MAX_K, gallery):
         raise ImretError(f"k={k}: choose 1 to {min(MAX_K, gallery)} (the gallery holds {gallery} images)")
 
 
-def search_files(index_dir: str | Path, images: list[str], k: int = 5, masked: bool = False,
-                 tags: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
-    """`imret search`: each image's neighbours, as {"image", "neighbours": [Neighbour as dict]}."""
+def search_files(target: str | Path, images: list[str], k: int = 5, masked: bool = False, tags: str | None = None,
+                 model: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """`imret search`: each image's neighbours, as {"image", "index", "model", "variant", "neighbours": [Neighbour as
+    dict]}; `target` is an index directory or a study's output directory (as `imret serve` takes them)."""
+    name, variant, index_dir = choose_index(str(target), model, masked)
     gallery = Gallery(index_dir, masked)
     check_k(k, gallery.index.ntotal)
     query = gallery.parse_tags(tags) if tags is not None else None
@@ -180,13 +231,14 @@ def search_files(index_dir: str | Path, images: list[str], k: int = 5, masked: b
         except ImretError as exc:
             raise ImretError(f"{path}: {exc}") from None
     found = gallery.neighbours(gallery.embed(decoded), k, [query] * len(decoded))
-    return [{"image": path, "neighbours": [asdict(n) for n in rows]} for path, rows in zip(images, found)]
+    return [{"image": path, "index": str(index_dir), "model": name, "variant": variant,
+             "neighbours": [asdict(n) for n in rows]} for path, rows in zip(images, found)]  # fmt: skip
 
 
 def format_results(results: list[dict[str, Any]]) -> str:
     lines = []
     for result in results:
-        lines.append(result["image"])
+        lines.append(f"{result['image']}  (index: {result['index']}, {result['model']}, {result['variant']})")
         for n in result["neighbours"]:
             iou = f"  IoU {n['label_iou']:.2f}" if n["label_iou"] is not None else ""
             lines.append(f"  {n['rank']:3d}  {n['key']}  distance {n['distance']:.4f}{iou}  {';'.join(n['tags']) or '-'}")

@@ -13,7 +13,6 @@ style inline: no build step, nothing fetched from elsewhere.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import queue
 import socket
@@ -23,7 +22,6 @@ from collections import Counter, defaultdict
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from importlib.resources import files
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -39,43 +37,14 @@ from starlette.formparsers import MultiPartParser
 
 from imret.data.lookup import Lookup
 from imret.errors import ImretError
-from imret.index import INDEX_FILE
-from imret.search import MAX_K, Gallery, Neighbour, check_k
+from imret.search import MAX_K, Gallery, Neighbour, check_k, find_indexes
 
 log = logging.getLogger("imret.serve")
-VARIANTS = ("original", "masked")
 BATCH_WINDOW_S = 0.003  # how long the first query of a batch waits for company
 EXAMPLES_MAX = 24
 
 
 # ---------------------------------------------------------------- what is served
-
-
-def find_indexes(paths: list[str]) -> list[tuple[str, str, Path]]:
-    """(model name, variant, index dir) of each index to serve: a study's output directory gives every compared
-    model's gallery, original and masked; an index directory gives itself, named after its model run."""
-    found = []
-    for path in map(Path, paths):
-        if (path / "retrieval.json").is_file() and (path / "embeddings").is_dir():
-            names = json.loads((path / "retrieval.json").read_text()).get("models", {})
-            for name in names:
-                for variant in VARIANTS:
-                    if (path / "embeddings" / name / f"{variant}-train" / INDEX_FILE).is_file():
-                        found.append((name, variant, path / "embeddings" / name / f"{variant}-train"))
-        elif (path / f"{INDEX_FILE}.json").is_file():
-            sidecar = json.loads((path / f"{INDEX_FILE}.json").read_text())
-            found.append((Path(sidecar["locations"]["model"]).name, "masked" if sidecar["mask_with"] else "original", path))
-        else:
-            raise ImretError(f"{path}: neither an index directory (index.faiss, imret index build) nor a study's "
-                             f"output directory (retrieval.json)")  # fmt: skip
-    seen: dict[tuple[str, str], Path] = {}
-    for name, variant, path in found:
-        if (name, variant) in seen:
-            raise ImretError(f"{seen[name, variant]} and {path} are both the {variant} index of {name}: serve one")
-        seen[name, variant] = path
-    if not found:
-        raise ImretError(f"no index in {', '.join(paths)}: a study writes its indexes when it scores")
-    return found
 
 
 def load_catalogue(paths: list[str]) -> dict[str, dict[str, Gallery]]:

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 
@@ -98,50 +98,73 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudyRecipe:
     return study
 
 
-def training_recipe(path: str, study: StudyRecipe):
-    return load_recipe(path, [f"data.shards={study.data.shards}", *study.train.overrides])
+def training_recipe(path: str, study: StudyRecipe, train_sets: Sequence[str] = ()):
+    """A training recipe as the study trains it: on the study's shards, with train.overrides and then the command
+    line's --train-set items applied."""
+    return load_recipe(path, [f"data.shards={study.data.shards}", *study.train.overrides, *train_sets])
 
 
-def resolve_run(entry: str, study: StudyRecipe) -> str:
-    """A recipe names its run directory; anything else is a run directory or the ImageNet baseline."""
-    return str(training_recipe(entry, study).run_dir) if entry.endswith((".yaml", ".yml")) else entry
+def resolve_run(entry: str, study: StudyRecipe, train_sets: Sequence[str] = (), runs: dict[str, str] | None = None) -> str:
+    """A recipe names its run directory; anything else is a run directory (a smoke run's twin of it, in `runs`) or
+    the ImageNet baseline."""
+    if entry.endswith((".yaml", ".yml")):
+        return str(training_recipe(entry, study, train_sets).run_dir)
+    return (runs or {}).get(str(Path(entry)), entry)
 
 
-def run_study(study: StudyRecipe) -> Path:
+def run_study(study: StudyRecipe, debug: bool = False, train_sets: Sequence[str] = ()) -> Path:
+    """Every stage, skipping what is complete. debug: the smoke run (imret.smoke); train_sets: KEY=VALUE items for
+    every training recipe, after train.overrides."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
+    from imret.distributed import init_process_group
     from imret.embed import IMAGENET_BASELINE, embed
     from imret.faiss_build import gpu_count
+    from imret.smoke import DEBUG_IMAGES, debug_study, missing_weights
     from imret.train import train
 
+    runs: dict[str, str] = {}
+    if debug:
+        study, runs = debug_study(study, [resolve_run(path, study, train_sets) for path in study.train.recipes])
     out = Path(study.study.out)
     # a missing or CPU-only FAISS on a GPU machine, or one without kernels for its GPUs: said now, not after training
     gpu_count(study.study.faiss_device)
-    ensure_shards(study)
+    ensure_shards(study, DEBUG_IMAGES if debug else None)
     # queries from a held-out test split when the build has one; else from validation, which also chose each
     # model's epoch and threshold (the report says which)
     query_split = "test" if load_manifest(study.data.shards)["splits"]["test"]["samples"] else "val"
+    skipped: dict[str, str] = {}  # run directory -> why a smoke run did not train it
     for recipe_path in study.train.recipes:
+        recipe = training_recipe(recipe_path, study, train_sets)
+        if recipe.model.init == "run" and str(Path(recipe.model.weights)) in runs:
+            recipe.model.weights = runs[str(Path(recipe.model.weights))]
+        reason = missing_weights(recipe, skipped) if debug else None
+        if reason:
+            log.warning("stage train: %s skipped: %s", recipe_path, reason)
+            skipped[str(recipe.run_dir)] = reason
+            continue
         log.info("stage train: %s", recipe_path)
-        train(training_recipe(recipe_path, study))
-    # after training, whose Accelerator sets up the process group with the recipe's collective timeout
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"),
-                         timeout=timedelta(seconds=TrainConfig().collective_timeout_s))  # fmt: skip
+        train(recipe)
+    timeout = timedelta(seconds=TrainConfig().collective_timeout_s)
+    init_process_group(timeout, parse_flag_from_env("ACCELERATE_USE_CPU"))  # when no recipe trained in this process
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timeout)
 
     models, unavailable = {}, {}
     for name, entry in study.compare.models.items():
-        source = resolve_run(entry, study)
-        if source == IMAGENET_BASELINE:
-            reason = imagenet_unavailable()
-            if reason:
-                unavailable[name] = reason
-                log.warning("model %s left out: %s", name, reason)
-                continue
+        source = resolve_run(entry, study, train_sets, runs)
+        reason = imagenet_unavailable() if source == IMAGENET_BASELINE else skipped.get(str(Path(source)))
+        if reason:
+            unavailable[name] = reason
+            log.warning("model %s left out: %s", name, reason)
+            continue
         models[name] = source
     if not models:
         raise ImretError("no model left to compare: " + "; ".join(f"{n}: {r}" for n, r in unavailable.items()))
-    segmentation = resolve_run(study.compare.segmentation, study) if study.compare.segmentation else None
+    segmentation = resolve_run(study.compare.segmentation, study, train_sets, runs) if study.compare.segmentation else None
+    if segmentation and str(Path(segmentation)) in skipped:
+        log.warning("no masked variant: the segmentation run was skipped (%s)", skipped[str(Path(segmentation))])
+        segmentation = None
 
     embeddings: dict[str, dict[str, dict[str, Path]]] = {}
     for name, source in models.items():
@@ -161,7 +184,8 @@ def run_study(study: StudyRecipe) -> Path:
     return out / "report.md"
 
 
-def ensure_shards(study: StudyRecipe) -> None:
+def ensure_shards(study: StudyRecipe, limit: int | None = None) -> None:
+    """The study's shards, built from data.source when missing (limit: from a seeded sample of that many records)."""
     from imret.data.build import build_shards
 
     d = study.data
@@ -178,7 +202,7 @@ def ensure_shards(study: StudyRecipe) -> None:
         )  # fmt: skip
     log.info("stage shards: building %s from %s", d.shards, d.source)
     build_shards(d.source, d.format, d.shards, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
-                 seed=d.split_seed, samples_per_shard=d.samples_per_shard, max_side=d.max_side)  # fmt: skip
+                 seed=d.split_seed, samples_per_shard=d.samples_per_shard, max_side=d.max_side, limit=limit)  # fmt: skip
 
 
 def imagenet_unavailable() -> str | None:
@@ -336,10 +360,9 @@ def demo(out: str | Path = "demo", seed: int = 0) -> Path:
     """The study on the embedded synthetic data with CPU-sized recipes, everything under OUT. `seed` seeds the
     training runs and the query draw (the data stay the same), to see which results hold across seeds."""
     from imret.data.synth import write_synth
+    from imret.shipped import shipped_root
 
-    recipes = Path(__file__).resolve().parents[1] / "recipes" / "demo"
-    if not (recipes / "study.yaml").is_file():
-        raise ImretError(f"imret demo needs the recipes of a source checkout ({recipes} is missing)")
+    recipes = shipped_root() / "recipes" / "demo"  # inside the installed package, or the checkout's
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     study = load_study(recipes / "study.yaml")

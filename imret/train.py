@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (
-    DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object, set_seed,
+    DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object, parse_flag_from_env,
+    set_seed,
 )  # fmt: skip
 from tqdm import tqdm
 
@@ -40,6 +41,7 @@ from imret.data.device_decode import check_decode_device, resolve_decode
 from imret.data.manifest import load_manifest, manifest_hash, write_json_atomic
 from imret.data.prefetch import DevicePrefetcher
 from imret.data.shards import ShardLoader, make_loader
+from imret.distributed import init_process_group
 from imret.errors import ImretError
 from imret.monitor import Monitor, wandb_mode
 from imret.optim import Schedule, effective_lr, make_optimizer, param_groups, zero_momentum
@@ -121,6 +123,10 @@ def train(recipe: Recipe, debug: bool = False) -> Path:
     monitor = Monitor(accelerator, recipe, run_dir, mode)
     monitor.truncate_after(progress.global_step if progress.global_step else -1)  # a fresh start keeps none
 
+    if main:
+        log.info("training %s: epochs %d to %d, %d steps an epoch on %d process(es), from step %d", run_dir,
+                 progress.epoch, recipe.train.max_epochs - 1, steps_this_epoch(train_loader, recipe, debug),
+                 accelerator.num_processes, progress.global_step)  # fmt: skip
     if progress.global_step == 0:  # the untrained model: where the curves start, what training must beat
         metrics, _ = evaluate(task, accelerator, model, val_loader, eval_augment, 0, DEBUG_VAL_BATCHES if debug else None)
         monitor.log("val", 0, 0, metrics)
@@ -243,6 +249,8 @@ def resolve_precision(configured: str) -> str | None:
 
 
 def make_accelerator(recipe: Recipe, mode: str) -> Accelerator:
+    # under torchrun, the process group on keys of this restart attempt (a restarted job must not meet the last one's)
+    init_process_group(timedelta(seconds=recipe.train.collective_timeout_s), parse_flag_from_env("ACCELERATE_USE_CPU"))
     return Accelerator(  # gradient accumulation is the loop's own (accumulation_window): accelerate's counter
         mixed_precision=resolve_precision(recipe.train.mixed_precision),  # knows no epochs and no resume
         # our loaders are already split by rank: never let rank 0 decode for everyone
@@ -416,7 +424,6 @@ def export_model(net: torch.nn.Module, task: Task, recipe: Recipe, manifest: dic
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    torch.save(state, stage / "weights.pt")
     meta = {
         "task": task.name, "backbone": recipe.model.backbone, "classes": task.classes,
         "image_size": recipe.data.image_size, "load_size": recipe.load_size,
@@ -427,7 +434,12 @@ def export_model(net: torch.nn.Module, task: Task, recipe: Recipe, manifest: dic
         "val": metrics, "shards": {"dir": recipe.data.shards, "manifest_hash": manifest_hash(manifest)},
         "recipe": recipe_to_dict(recipe), **task.export_meta(metrics),
     }  # fmt: skip
-    write_json_atomic(stage / "meta.json", meta)
+    try:
+        checkpoint.save_file(state, stage / "weights.pt")
+        write_json_atomic(stage / "meta.json", meta)
+    except ImretError:  # a full disk: the model exported before stays in model/
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     shutil.rmtree(old, ignore_errors=True)  # a kill during the last export's cleanup leaves it behind
     if final.exists():
         os.replace(final, old)
@@ -436,9 +448,11 @@ def export_model(net: torch.nn.Module, task: Task, recipe: Recipe, manifest: dic
 
 
 def restore_interrupted_export(run_dir: Path) -> None:
-    """A kill between export_model's two renames leaves the previous model only in .model-old: put it back."""
+    """A kill between export_model's two renames leaves the previous model only in .model-old: put it back; a kill
+    while the stage was written leaves a half-written .model-tmp: remove it."""
     if not (run_dir / "model").exists() and (run_dir / ".model-old" / "meta.json").is_file():
         os.replace(run_dir / ".model-old", run_dir / "model")
+    shutil.rmtree(run_dir / ".model-tmp", ignore_errors=True)
 
 
 def draw_figure(task: Task, net: torch.nn.Module, figure_batch: Any, run_dir: Path, monitor: Monitor,
@@ -471,7 +485,8 @@ def save_checkpoint(accelerator: Accelerator, model, optimizer, scheduler, progr
         state = {"model": bare(accelerator, model).state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler, "progress": dataclasses.asdict(progress),
                  "recipe": json.dumps(recipe_to_dict(recipe)), "world": accelerator.num_processes}  # fmt: skip
-        checkpoint.finish_checkpoint(directory, stage, state, progress.global_step, recipe.checkpoint.keep)
+        final = checkpoint.finish_checkpoint(directory, stage, state, progress.global_step, recipe.checkpoint.keep)
+        log.info("checkpoint %s saved (epoch %d, step %d)", final, progress.epoch, progress.global_step)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:  # still there only on a machine rank 0 does not share it with
         shutil.rmtree(stage, ignore_errors=True)

@@ -200,8 +200,31 @@ def test_a_gallery_image_comes_back_first_and_neighbours_equal_brute_force(study
         row = keys.index(n["key"])
         assert n["tags"] == [classes[i] for i in np.flatnonzero(labels[row])]
         assert n["label_iou"] == pytest.approx(float(label_iou(query_tags, labels[row])))
+    assert (gallery_result["index"], gallery_result["variant"]) == (str(directory), variant)
     code, text, _ = run_cli(capsys, "search", str(directory), str(gallery_file), *masked)
-    assert code == 0 and text.splitlines()[0] == str(gallery_file) and keys[7] in text.splitlines()[1]
+    assert code == 0 and text.splitlines()[0] == f"{gallery_file}  (index: {directory}, {gallery_result['model']}, {variant})"
+    assert keys[7] in text.splitlines()[1]
+
+
+def test_a_study_folder_answers_from_its_best_model_or_the_one_named_as_serve_takes_it(study, train_members, tmp_path,
+                                                                                      capsys):  # fmt: skip
+    """`imret search STUDY_DIR`: the row with the highest mean label IoU in retrieval.json, its whole-image index;
+    `--model NAME --masked` another row's masked index; the answer names the index, and is what that index gives."""
+    results = json.loads((study / "retrieval.json").read_text())["results"]
+    best = max(["classifier", "rotation"], key=lambda name: results[name]["original"]["mean"])
+    other = "rotation" if best == "classifier" else "classifier"
+    image = tmp_path / "query.jpg"
+    image.write_bytes(train_members[keys_of(index_dir(study, other, "masked"))[5]]["jpg"])
+    for extra, model, variant in [((), best, "original"), (("--model", other, "--masked"), other, "masked")]:
+        code, out, err = run_cli(capsys, "search", str(study), str(image), "--json", *extra)
+        assert code == 0, err
+        (answer,) = json.loads(out)
+        assert (answer["index"], answer["model"], answer["variant"]) == (str(index_dir(study, model, variant)), model,
+                                                                         variant)  # fmt: skip
+        code, out, _ = run_cli(capsys, "search", answer["index"], str(image), "--json", *(["--masked"] * (variant == "masked")))
+        assert json.loads(out)[0]["neighbours"] == answer["neighbours"]
+    code, _, err = run_cli(capsys, "search", str(study), str(image), "--model", "rotaton")
+    assert code == 2 and "no model 'rotaton' (did you mean 'rotation'?)" in err
 
 
 def test_search_and_serve_refuse_mismatches_and_bad_images_in_one_line(study, tmp_path, capsys):
@@ -228,7 +251,7 @@ def test_search_and_serve_refuse_mismatches_and_bad_images_in_one_line(study, tm
         ([str(other_weights), str(image)], "is not the one this index was built with"),
         ([str(other_layer), str(image)], "built from the head layer"),
         ([str(other_shards), str(image)], "changed since they were embedded"),
-        ([str(tmp_path), str(image)], "no index with a sidecar"),
+        ([str(tmp_path), str(image)], "neither an index directory (index.faiss, imret index build) nor a study's"),
     ]  # fmt: skip
     for args, message in [(["search", *args], message) for args, message in cases] + [
         (["serve", str(tmp_path)], "neither an index directory (index.faiss, imret index build) nor a study's"),

@@ -40,7 +40,7 @@ from imret.data.manifest import (
 )  # fmt: skip
 from imret.data.plan import Plan, Rejected, ShardPlan, ShardPlanner, sample_key
 from imret.data.sources import Record, annotate, read_source
-from imret.errors import DataError
+from imret.errors import DataError, write_failed
 from imret.system import usable_cores
 
 log = logging.getLogger("imret.data")
@@ -223,8 +223,8 @@ def write_shard(plan: ShardPlan, out: str, encoder: Encoder, node: str | None = 
                     "with_masks": with_masks, "rejected": rejected, "fingerprint": plan.fingerprint,
                     "node": node or socket.gethostname()}  # fmt: skip
             storage.put_file(tmp, storage.join(out, plan.name))
-        except OSError as exc:
-            raise DataError(f"writing shard {plan.name} in {stage}: {exc.strerror or exc}") from None
+        except OSError as exc:  # a full disk: one line with the space free where the shard was being written
+            raise DataError(str(write_failed(tmp, exc))) from None
         finally:
             tmp.unlink(missing_ok=True)
     done["seconds"] = round(time.perf_counter() - started, 3)
@@ -314,7 +314,7 @@ def _collect(pending: dict, submit: Callable, retries: int, on_done: Callable[[d
         log.warning("shard %s failed (try %d of %d): %s", name, tries, retries + 1, value)
         submit(plan, tries + 1, first_error or value)
     else:
-        raise DataError(f"shard {name} failed {tries} times; first error: {first_error or value}")
+        raise DataError(f"shard {name} failed ({tries} {'try' if tries == 1 else 'tries'}); first error: {first_error or value}")
 
 
 # ---------------------------------------------------------------- the build
@@ -324,7 +324,8 @@ def build_shards(src: str | Path, fmt: str, out: str | Path, *, val_fraction: fl
                  samples_per_shard: int = 1000, max_side: int | None = None, workers: int | None = None,
                  overwrite: bool = False, strict: bool = False, require_masks: bool = False,
                  test_fraction: float = 0.0, engine: str = "local", address: str | None = None, retries: int = 3,
-                 verify: bool = False) -> dict[str, Any]:  # fmt: skip
+                 verify: bool = False, limit: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """limit: build only a seeded sample of that many records (a study's smoke run)."""
     if not (0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0 and val_fraction + test_fraction < 1.0):
         raise DataError(f"--val-fraction and --test-fraction must each be in [0, 1) and leave images to train on, "
                         f"got {val_fraction} and {test_fraction}")  # fmt: skip
@@ -341,8 +342,8 @@ def build_shards(src: str | Path, fmt: str, out: str | Path, *, val_fraction: fl
     settings = {"format": fmt, "path": source.location if storage.is_remote(source.location) else str(Path(source.location).resolve()),
                 "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed,
                 "samples_per_shard": samples_per_shard, "max_side": max_side, "require_masks": require_masks,
-                "classes": source.classes}  # fmt: skip
-    planner = ShardPlanner(source, val_fraction, test_fraction, seed, samples_per_shard, settings)
+                "classes": source.classes, "limit": limit}  # fmt: skip
+    planner = ShardPlanner(source, val_fraction, test_fraction, seed, samples_per_shard, settings, limit)
     if overwrite:
         _clear(out)
     plan = planner.plan()
@@ -438,7 +439,7 @@ def write_manifest(out: str, plan: Plan, done: dict[str, dict[str, Any]], settin
         "splits": splits,
         "rejected": rejected,
         "source": {k: settings[k] for k in ("format", "path", "val_fraction", "test_fraction", "seed",
-                                             "samples_per_shard", "max_side")},  # fmt: skip
+                                             "samples_per_shard", "max_side") + (("limit",) if settings["limit"] else ())},  # fmt: skip
     }
     storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=1, ensure_ascii=False))  # last
     return manifest

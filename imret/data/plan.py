@@ -94,8 +94,9 @@ class ShardPlanner:
     `shard_plans()` yields each shard's records, in SPLITS order and shard order."""
 
     def __init__(self, source: Source, val_fraction: float, test_fraction: float, seed: int, samples_per_shard: int,
-                 settings: dict[str, Any]):  # fmt: skip
-        self.source, self.seed, self.n = source, seed, samples_per_shard
+                 settings: dict[str, Any], limit: int | None = None):  # fmt: skip
+        """limit: plan only the first `limit` records of the order (a seeded sample of the source, for a smoke run)."""
+        self.source, self.seed, self.n, self.limit = source, seed, samples_per_shard, limit
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.settings = settings  # the build's settings: part of every shard's fingerprint
         self.spool = tempfile.TemporaryDirectory(prefix="imret-plan-")
@@ -115,10 +116,11 @@ class ShardPlanner:
         del high, low
         rank = np.empty(len(order), dtype=np.int64)
         rank[order] = np.arange(len(order))
-        sizes = split_sizes(len(order), self.val_fraction, self.test_fraction)
+        planned = len(order) if self.limit is None else min(self.limit, len(order))
+        sizes = split_sizes(planned, self.val_fraction, self.test_fraction)
         bounds = {"val": (0, sizes["val"]), "test": (sizes["val"], sizes["val"] + sizes["test"]),
-                  "train": (sizes["val"] + sizes["test"], len(order))}  # fmt: skip
-        split_code = np.empty(len(order), dtype=np.int8)
+                  "train": (sizes["val"] + sizes["test"], planned)}  # fmt: skip
+        split_code = np.full(len(order), -1, dtype=np.int8)  # -1: beyond the limit, not planned
         for code, split in enumerate(SPLITS):
             lo, hi = bounds[split]
             split_code[order[lo:hi]] = code
@@ -140,7 +142,9 @@ class ShardPlanner:
         kept = np.ones(len(keys), dtype=bool)
         unique, counts = np.unique(keys, return_counts=True)
         for key in unique[counts > 1]:
-            clashing = np.flatnonzero(keys == key)
+            clashing = np.flatnonzero((keys == key) & (split_code >= 0))  # among the planned records
+            if len(clashing) < 2:
+                continue
             first = min(clashing, key=lambda i: (split_code[i], rank[i]))
             kept[clashing[clashing != first]] = False
         return kept
@@ -160,10 +164,12 @@ class ShardPlanner:
                 j, candidate = candidate, candidate + 1
                 if j >= len(self.slot):
                     raise DataError(f"{self.source.location}: the listing changed while the build was planned")
-                if self.collisions[j]:
+                if self.collisions[j] and self.split_code[j] >= 0:
                     plan.rejected.append(Rejected(record.id, record.source, f"key collision on {sample_key(record.id)}"))
                     continue
                 code, slot = int(self.split_code[j]), int(self.slot[j])
+                if code < 0:  # beyond the limit
+                    continue
                 shard = int(starts[code]) + slot // self.n
                 handle = handles.get(shard // per_file)
                 if handle is None:

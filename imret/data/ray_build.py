@@ -84,7 +84,8 @@ def _finish_one(ray, in_flight: dict[Any, str], on_done: Callable[[dict[str, Any
             ray.cancel(pending, force=True)
         cause = getattr(exc, "cause", None) or exc
         lines = [line for line in str(cause).splitlines() if line.strip()]
-        raise DataError(f"shard {name} failed {retries + 1} times; last error: {lines[-1] if lines else type(cause).__name__}") from None
+        tries = f"{retries + 1} {'try' if retries == 0 else 'tries'}"
+        raise DataError(f"shard {name} failed ({tries}); last error: {lines[-1] if lines else type(cause).__name__}") from None
 
 
 def write_shard_on_node(plan: ShardPlan, out: str, encoder: Encoder) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 
-from imret.errors import DataError, ImretError
+from imret.errors import DataError, ImretError, write_failed
 
 log = logging.getLogger("imret.data")
 ATTEMPTS, BACKOFF_S = 5, 0.5  # pauses of 0.5, 1, 2 and 4 s: about 8 s before a remote failure is final
@@ -229,7 +229,7 @@ def write_text(location: str | Path, text: str) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise DataError(f"cannot write {path}: {exc.strerror}") from None
+        raise DataError(str(write_failed(path, exc, len(text.encode("utf-8"))))) from None
 
 
 def remove(location: str | Path) -> None:
