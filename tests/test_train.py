@@ -303,10 +303,9 @@ def test_resuming_with_another_optimiser_or_schedule_is_refused(tmp_path, train_
                                                      "optim.schedule=cosine"]))  # fmt: skip
 
 
-def test_two_ranks_at_batch_b_reach_the_weights_of_one_process_at_batch_2b(tmp_path, synth_dir, monkeypatch):
-    """DDP averages gradients: with shards of B samples and no shuffling, one process at 2B reads shards 2i and
-    2i+1 in step i, which is what rank 0 and rank 1 read in their step i; a model without BatchNorm, no
-    augmentation: the same start, the same steps, the same weights."""
+def two_ranks_at_b_and_one_process_at_2b(tmp_path, synth_dir, monkeypatch, extra: list[str]):
+    """Shards of 8 samples, no shuffling, a model without BatchNorm, one epoch: `imret train` on 2 gloo ranks at batch 8
+    (run "two") and in this process at batch 16 (run "one"). Returns (recipe file, overrides, run one, run two)."""
     from imret.data.build import build_shards
     from imret.models import BACKBONES
     from shard_tools import register_no_norm_backbone
@@ -314,7 +313,7 @@ def test_two_ranks_at_batch_b_reach_the_weights_of_one_process_at_batch_2b(tmp_p
     shards = tmp_path / "shards"
     build_shards(synth_dir, "folder", shards, val_fraction=0.2, samples_per_shard=8, workers=0)
     common = tiny_recipe_overrides(shards, tmp_path / "runs") + [
-        "model.backbone=no-norm", "data.shuffle_buffer=0", "train.max_epochs=1", "optim.lr=0.01"]  # fmt: skip
+        "model.backbone=no-norm", "data.shuffle_buffer=0", "train.max_epochs=1", "optim.lr=0.01", *extra]  # fmt: skip
     path = tmp_path / "recipe.yaml"
     path.write_text("")
     result = torchrun(str(Path(__file__).parent / "ddp_train_probe.py"), str(path), str(tmp_path), "no-norm",
@@ -324,8 +323,16 @@ def test_two_ranks_at_batch_b_reach_the_weights_of_one_process_at_batch_2b(tmp_p
     monkeypatch.setitem(BACKBONES, "no-norm", None)
     register_no_norm_backbone()
     one = train(load_recipe(path, common + ["run.name=one", "data.batch_size_per_device=16"]))
-    a, b = final_weights(one), final_weights(tmp_path / "runs" / "two")
-    assert len(records(one, "train")) == len(records(tmp_path / "runs" / "two", "train")) == 6  # 96 images, 16 a step
+    return path, common, one, tmp_path / "runs" / "two"
+
+
+def test_two_ranks_at_batch_b_reach_the_weights_of_one_process_at_batch_2b(tmp_path, synth_dir, monkeypatch):
+    """DDP averages gradients: with shards of B samples and no shuffling, one process at 2B reads shards 2i and
+    2i+1 in step i, which is what rank 0 and rank 1 read in their step i; a model without BatchNorm, no
+    augmentation: the same start, the same steps, the same weights."""
+    path, common, one, two = two_ranks_at_b_and_one_process_at_2b(tmp_path, synth_dir, monkeypatch, [])
+    a, b = final_weights(one), final_weights(two)
+    assert len(records(one, "train")) == len(records(two, "train")) == 6  # 96 images, 16 a step
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
     from accelerate.utils import set_seed
@@ -364,25 +371,9 @@ def test_metric_validation_is_the_same_on_one_rank_and_on_two(tmp_path, train_sh
 def test_a_gathered_pair_loss_on_two_ranks_steps_as_one_process_on_the_global_batch(tmp_path, synth_dir, monkeypatch):
     """loss.gather: each rank's loss sees both ranks' embeddings; with shards of B and no shuffling, two ranks at B
     reach the weights of one process at 2B (as for classification, test above), a model without BatchNorm."""
-    from imret.data.build import build_shards
-    from imret.models import BACKBONES
-    from shard_tools import register_no_norm_backbone
-
-    shards = tmp_path / "shards"
-    build_shards(synth_dir, "folder", shards, val_fraction=0.2, samples_per_shard=8, workers=0)
-    common = tiny_recipe_overrides(shards, tmp_path / "runs") + [
-        "model.backbone=no-norm", "data.shuffle_buffer=0", "train.max_epochs=1", "optim.lr=0.01", "task.name=triplet",
-        "loss.name=supcon", "loss.gather=true", "train.steps_per_epoch=3"]  # fmt: skip
-    path = tmp_path / "recipe.yaml"
-    path.write_text("")
-    result = torchrun(str(Path(__file__).parent / "ddp_train_probe.py"), str(path), str(tmp_path), "no-norm",
-                      *common, "run.name=two", "data.batch_size_per_device=8")  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "rank0.json").read_text()) == {"ok": True}
-    monkeypatch.setitem(BACKBONES, "no-norm", None)
-    register_no_norm_backbone()
-    one = train(load_recipe(path, common + ["run.name=one", "data.batch_size_per_device=16"]))
-    a, b = final_weights(one), final_weights(tmp_path / "runs" / "two")
+    path, common, one, two = two_ranks_at_b_and_one_process_at_2b(tmp_path, synth_dir, monkeypatch, [
+        "task.name=triplet", "loss.name=supcon", "loss.gather=true", "train.steps_per_epoch=3"])  # fmt: skip
+    a, b = final_weights(one), final_weights(two)
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6), key
     alone = train(load_recipe(path, common + ["run.name=alone", "data.batch_size_per_device=8"]))
