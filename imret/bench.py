@@ -224,8 +224,8 @@ def bench_train(images: int, size: int, workers: int) -> dict[str, Any]:
                                T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])  # fmt: skip
         loader = DataLoader(PlainLabelled(data, transform), batch_size=64, shuffle=True, num_workers=workers,
                             drop_last=True)  # fmt: skip
-        trunk, features = make_backbone("small-cnn")
-        model = RetrievalNet(trunk, torch.nn.Linear(features, 12), "pooled")
+        backbone = make_backbone("small-cnn", size)
+        model = RetrievalNet(backbone.trunk, torch.nn.Linear(backbone.features, 12), "pooled")
         optimizer = torch.optim.Adam(model.parameters(), 3e-4)
         times, start = [], time.perf_counter()
         for x, y in loader:

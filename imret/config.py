@@ -8,7 +8,6 @@ could make a run silently different from what its author meant: unknown or dupli
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import types
 import typing
@@ -19,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from imret.data.storage import is_remote
-from imret.errors import RecipeError
+from imret.errors import RecipeError, did_you_mean
 
 
 def bounds(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
@@ -227,11 +226,6 @@ def parse_yaml(text: str) -> Any:
 # ---------------------------------------------------------------- typed conversion
 
 
-def _did_you_mean(word: str, options: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def _check_value(where: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -254,7 +248,7 @@ def _check_value(where: str, value: Any, hint: Any) -> Any:
         choices = typing.get_args(hint)
         if value not in choices:
             listed = ", ".join(map(str, choices))
-            raise RecipeError(f"{where}: '{value}' is not one of {listed}{_did_you_mean(value, choices)}")
+            raise RecipeError(f"{where}: '{value}' is not one of {listed}{did_you_mean(value, choices)}")
         return value
     if hint is bool:
         if not isinstance(value, bool):
@@ -318,11 +312,11 @@ def _hints(section_cls: type) -> dict[str, Any]:
 def _set_field(recipe: Any, section: str, key: str, value: Any, *, from_text: bool = False) -> None:
     sections = _fields(type(recipe))
     if section not in sections:
-        raise RecipeError(f"unknown section '{section}'{_did_you_mean(section, sections)}")
+        raise RecipeError(f"unknown section '{section}'{did_you_mean(section, sections)}")
     section_obj = getattr(recipe, section)
     fields = _fields(type(section_obj))
     if key not in fields:
-        raise RecipeError(f"unknown key '{section}.{key}'{_did_you_mean(key, fields)}")
+        raise RecipeError(f"unknown key '{section}.{key}'{did_you_mean(key, fields)}")
     where = f"{section}.{key}"
     hint = _hints(type(section_obj))[key]
     if from_text:
@@ -370,7 +364,7 @@ def recipe_from_dict(data: Any, root: type = Recipe) -> Any:
     recipe = root()
     for section, values in data.items():
         if section not in _fields(root):
-            raise RecipeError(f"unknown section '{section}'{_did_you_mean(section, _fields(root))}")
+            raise RecipeError(f"unknown section '{section}'{did_you_mean(section, _fields(root))}")
         if not isinstance(values, dict):
             raise RecipeError(f"section '{section}' must be a mapping of keys, got {values!r}")
         for key, value in values.items():
@@ -444,6 +438,9 @@ def check_consistency(recipe: Recipe) -> None:
     if timm_only and not recipe.model.backbone.startswith("timm:"):
         raise RecipeError(f"{', '.join(timm_only)}: needs a timm backbone (model.backbone: timm:<name>), and this one is "
                           f"{recipe.model.backbone}")  # fmt: skip
+    if optim.layer_decay is not None and recipe.task.name == "segmentation":
+        raise RecipeError("optim.layer_decay: the U-Net's timm encoder (a features_only model) has no layer groups for "
+                          "it; give the encoder its own rate with optim.trunk_lr_scale")  # fmt: skip
     check_loss(recipe)
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import errno
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 
 class ImretError(Exception):
@@ -19,6 +20,12 @@ class RecipeError(ImretError):
 
 class DataError(ImretError):
     pass
+
+
+def did_you_mean(word: str, options: Iterable[str], n: int = 1) -> str:
+    """A typo's hint: " (did you mean 'x'?)", or up to n close matches, or nothing."""
+    close = difflib.get_close_matches(str(word), list(options), n=n, cutoff=0.6)
+    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
 
 
 def one_line(exc: ImretError) -> str:

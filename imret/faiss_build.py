@@ -4,8 +4,8 @@ Several distributions (faiss-cpu, faiss-gpu, faiss-gpu-cu12, faiss-gpu-cuvs, ...
 module, so imret reads which ones are installed from their file lists rather than from a list of names. A
 GPU build can count the GPUs and still have no kernel for them (a wheel built for sm_70/sm_80 on a Hopper
 card): its first search aborts the process, which no try/except catches. So before long work puts an index
-on the GPUs, a tiny search runs in a child process (`python -m imret.faiss_build probe ...`); its verdict is
-cached per FAISS build, driver and GPUs, and a failure stops the command with one line and the fix.
+on the GPUs, a tiny search runs in a child process (`python -m imret.faiss_build probe ...`); a pass is cached
+per FAISS build, driver and GPUs, and a failure stops the command with one line and the fix.
 
 SWIG stores any attribute set on a FAISS options object, so a misspelt or nonexistent field is silently
 ignored: `set_declared` sets only the fields the FAISS class declares.
@@ -163,13 +163,16 @@ def remember(key: str, verdict: dict[str, Any]) -> None:
 
 
 def probe_verdict(kind: str, dim: int) -> dict[str, Any]:
-    """{"ok": bool, "error": str}: cached, or from a child process that builds and searches a tiny GPU index."""
+    """{"ok": bool, "error": str}: cached, or from a child process that builds and searches a tiny GPU index.
+    Only a pass is kept on disk: a failure may be passing (a GPU another job has filled, a first run's slow kernel
+    compilation past the timeout), so the next command probes again."""
     key = probe_key(kind, dim)
     if key not in _verdicts:
         cached = read_cache().get(key)
         if cached is None:
             cached = run_child([sys.executable, "-m", "imret.faiss_build", "probe", kind, str(dim)])
-            remember(key, cached)
+            if cached["ok"]:
+                remember(key, cached)
         _verdicts[key] = cached
     return _verdicts[key]
 

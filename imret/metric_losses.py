@@ -6,7 +6,7 @@ task.negative_max_iou; never the anchor itself, and pairs in between are neither
 exactly those pairs as an `indices_tuple`, with no labels, so PML computes its own loss on imret's pairs.
 
 The proxy losses learn one proxy per tag. PML builds their positives from one-hot labels, so imret computes them
-from the cosines to the proxies with a multi-hot target; on one-hot targets both equal PML's (tests/test_losses.py):
+from the cosines to the proxies with a multi-hot target; on one-hot targets both equal PML's (tests/test_metric_losses.py):
 - proxy_anchor: an image is a positive of the proxy of each of its tags and a negative of every other proxy; PML's
   formula (Kim et al. 2020) then applies unchanged, per proxy, over the batch.
 - arcface (subcenter_arcface: with K sub-centres a tag, the closest one counting): each of an image's tags is its
@@ -159,15 +159,20 @@ def proxy_loss(loss: LossConfig, cosines: torch.Tensor, targets: torch.Tensor) -
     return value, {"pos_similarity": masked_mean(cosines, positive), "neg_similarity": masked_mean(cosines, ~positive)}
 
 
-def gather_with_gradients(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's embeddings (each rank's slice keeps its gradient path back to that rank) and labels, in rank
-    order. Every rank then computes the same global loss; the backward pass sums each slice's gradients back to its
-    rank, and DDP's average over ranks makes the step exactly one process's step on the global batch."""
-    import torch.distributed as dist
+def gather_with_gradients(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows in rank order, each rank's slice keeping its gradient path back to that rank. Every rank
+    then computes the same global loss; the backward pass sums each slice's gradients back to its rank, and DDP's
+    average over ranks makes the step exactly one process's step on the global batch."""
     from torch.distributed.nn.functional import all_gather
 
-    everyone = torch.cat(all_gather(embeddings.contiguous()))
-    label_parts = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
-    dist.all_gather(label_parts, labels.contiguous())
-    return everyone, torch.cat(label_parts)
+    return torch.cat(all_gather(rows.contiguous()))
+
+
+def gather_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Every rank's labels in rank order (no gradients: a plain all_gather)."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, labels.contiguous())
+    return torch.cat(parts)
 

@@ -12,8 +12,8 @@ ResNet18 from the torch hub cache (downloaded there when the machine is online, 
 
 from __future__ import annotations
 
-import difflib
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imret.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from imret.errors import ImretError
+from imret.errors import ImretError, did_you_mean
 
 IMAGENET_URLS = {"resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth"}
 PRETRAINED = ("pretrained", "imagenet")  # model.init values that read published weights
@@ -84,16 +84,11 @@ def make_backbone(name: str, image_size: int, init: str = "scratch", weights: st
             load_trunk_weights(trunk, state)
             backbone.initialisation = f"imagenet ({origin})"
     else:
-        raise ImretError(f"model.backbone: unknown '{name}'{did_you_mean(name, BACKBONES)}; choose one of "
+        raise ImretError(f"model.backbone: unknown '{name}'{did_you_mean(name, BACKBONES, n=3)}; choose one of "
                          f"{', '.join(BACKBONES)}, or timm:<name> for any timm model")  # fmt: skip
     if init == "run":
         backbone.initialisation = load_run_trunk(backbone.trunk, weights or "", name)
     return backbone
-
-
-def did_you_mean(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=3, cutoff=0.6)
-    return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
 # ---------------------------------------------------------------- timm
@@ -103,7 +98,7 @@ def timm_backbone(name: str, image_size: int, init: str, weights: str | None) ->
     import timm
 
     if not timm.is_model(name):
-        raise ImretError(f"model.backbone: timm has no model '{name}'{did_you_mean(name, timm.list_models())}")
+        raise ImretError(f"model.backbone: timm has no model '{name}'{did_you_mean(name, timm.list_models(), n=3)}")
     trunk = create_timm(name, image_size)
     initialisation = "scratch (timm's initialisation)"
     if init in PRETRAINED:
@@ -238,7 +233,8 @@ class RetrievalNet(nn.Module):
 class SegmentationNet(nn.Module):
     """U-Net (segmentation-models-pytorch) with a ResNet18 encoder, or a timm one (`timm:<name>`, smp's `tu-`
     encoders: convolutional backbones with a feature pyramid), one output channel (logits). Its embedding is the
-    encoder's pooled deepest feature map."""
+    encoder's pooled deepest feature map. `freeze_trunk` holds the encoder fixed while the decoder warms up, as
+    RetrievalNet's does its trunk."""
 
     embedding = "encoder.pooled"
 
@@ -259,15 +255,33 @@ class SegmentationNet(nn.Module):
                              f"it needs a convolutional backbone with a feature pyramid, e.g. timm:resnet50, "
                              f"timm:convnext_tiny, timm:efficientnet_b0") from None  # fmt: skip
         self.embedding_dim = self.unet.encoder.out_channels[-1]
+        self.trunk_frozen = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.unet(x)
+
+    def freeze_trunk(self, frozen: bool) -> None:
+        """No gradients for the encoder (the decoder's skip connections still read it), and its BatchNorm statistics
+        stay as they are. Its parameters, not a no_grad block, carry this: smp's forward is not ours to split."""
+        self.trunk_frozen = frozen
+        self.unet.encoder.requires_grad_(not frozen)
+        self.unet.encoder.train(self.training and not frozen)
+
+    def train(self, mode: bool = True) -> SegmentationNet:
+        super().train(mode)
+        self.unet.encoder.train(mode and not self.trunk_frozen)
+        return self
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.unet.encoder(x)[-1].mean(dim=(2, 3))
 
 
 # ---------------------------------------------------------------- initialisation
+
+
+def imagenet_cache_path(backbone: str) -> Path:
+    """Where the torch hub cache keeps torchvision's ImageNet weights for `backbone` (a key of IMAGENET_URLS)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(IMAGENET_URLS[backbone])
 
 
 def imagenet_state_dict(backbone: str, local_file: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
@@ -281,8 +295,7 @@ def imagenet_state_dict(backbone: str, local_file: str | None = None) -> tuple[d
     if backbone not in IMAGENET_URLS:
         raise ImretError(f"model.init: pretrained (imagenet) has no published weights for backbone '{backbone}' (have: "
                          f"{', '.join(IMAGENET_URLS)}, and timm:<name>)")  # fmt: skip
-    url = IMAGENET_URLS[backbone]
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    url, cached = IMAGENET_URLS[backbone], imagenet_cache_path(backbone)
     if cached.is_file():
         return torch.load(cached, map_location="cpu", weights_only=True), str(cached)
     previous = socket.getdefaulttimeout()
@@ -303,11 +316,23 @@ def imagenet_state_dict(backbone: str, local_file: str | None = None) -> tuple[d
 def load_trunk_weights(trunk: nn.Module, state: dict[str, torch.Tensor], allow_extra: bool = False) -> None:
     """Load a backbone's weights, ignoring a classifier (`fc.*`); every trunk weight must be there, and nothing else
     unless `allow_extra` (a timm U-Net encoder holds only the layers of its feature pyramid)."""
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    state = features_only_names({k: v for k, v in state.items() if not k.startswith("fc.")}, trunk)
     # nn.Module's own method: smp's ResNet encoder overrides load_state_dict and returns nothing
     missing, unexpected = nn.Module.load_state_dict(trunk, state, strict=False)
     if missing or (unexpected and not allow_extra):
         raise ImretError(f"weights do not fit the backbone: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def features_only_names(state: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
+    """A timm model's weights under the names its features_only form (a U-Net's timm encoder) gives them: that form
+    lifts a top-level Sequential's children to the top (ConvNeXt's `stages.0.*` is `stages_0.*`). Keys the module
+    already has are kept as they are."""
+    names = set(module.state_dict())
+    renamed = {}
+    for key, value in state.items():
+        flat = re.sub(r"^([^.]+)\.(\d+)\.", r"\1_\2.", key)
+        renamed[flat if key not in names and flat in names else key] = value
+    return renamed
 
 
 def load_run_trunk(trunk: nn.Module, run_dir: str, backbone: str, allow_extra: bool = False) -> str:

@@ -20,12 +20,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from imret.config import _did_you_mean
 from imret.data.device_decode import decode_jpegs, resize
 from imret.data.lookup import Lookup, lookup_paths
 from imret.data.shards import decode_image
 from imret.embed import Embedder, Masker, embed_images, load_model
-from imret.errors import ImretError
+from imret.errors import ImretError, did_you_mean
 from imret.index import EXAMPLES_SPLIT, INDEX_FILE, ensure_lookups
 from imret.metrics import label_iou
 from imret.retrieval import load_index, search
@@ -153,7 +152,7 @@ class Gallery:
             if not name:
                 continue
             if name not in self.classes:
-                raise ImretError(f"unknown tag '{name}'{_did_you_mean(name, self.classes)}; the tags are "
+                raise ImretError(f"unknown tag '{name}'{did_you_mean(name, self.classes)}; the tags are "
                                  f"{', '.join(self.classes)}")  # fmt: skip
             row[self.classes.index(name)] = 1
         return row
@@ -198,7 +197,7 @@ def choose_index(target: str, model: str | None, masked: bool) -> tuple[str, str
         results = json.loads((Path(target) / "retrieval.json").read_text())["results"]
         model = max(names, key=lambda name: results.get(name, {}).get("original", {}).get("mean", -1.0))
     elif model not in names:
-        raise ImretError(f"{target}: no model '{model}'{_did_you_mean(model, names)}; the study compared "
+        raise ImretError(f"{target}: no model '{model}'{did_you_mean(model, names)}; the study compared "
                          f"{', '.join(names)}")  # fmt: skip
     variant = "masked" if masked else "original"
     for name, candidate, path in found:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from imret.config import _did_you_mean
-from imret.errors import ImretError
+from imret.errors import ImretError, did_you_mean
 
 
 def shipped_root() -> Path:
@@ -59,7 +58,7 @@ def copy_shipped(name: str, dest: str | Path, overwrite: bool = False) -> list[P
     files = shipped_files()
     name = name.removesuffix(".yaml").removeprefix("recipes/")
     if name != "all" and name not in files:
-        raise ImretError(f"no shipped recipe '{name}'{_did_you_mean(name, files)}: imret recipe list names them")
+        raise ImretError(f"no shipped recipe '{name}'{did_you_mean(name, files)}: imret recipe list names them")
     chosen = files if name == "all" else {name: files[name]}
     dest = Path(dest)
     targets = {destination(n, dest): path for n, path in chosen.items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Sequence
 
 from imret.config import Recipe
 from imret.errors import ImretError
@@ -20,9 +21,9 @@ DEBUG_TRAINING = ["data.image_size=64", "data.load_size=72", "data.batch_size_pe
                   "checkpoint.every_n_steps=0", "log.wandb_mode=disabled", "log.every_n_steps=1"]  # fmt: skip
 
 
-def debug_study(study, real_runs: list[str]):
-    """(the study at debug sizes, everything under `<study.out>-debug/`; each real run directory -> its debug twin,
-    for a recipe that starts from another run's weights (model.init: run) or a row that names a run directory)."""
+def debug_study(study, train_sets: Sequence[str]):
+    """(the study at debug sizes, everything under `<study.out>-debug/`; the --train-set items followed by the debug
+    runs' directory, which nothing may move out of that folder)."""
     if not study.data.source:
         raise ImretError(f"--debug builds its own shards from a sample of data.source, and {study.data.shards} names no "
                          f"source: set data.source (and data.format) in the study recipe")  # fmt: skip
@@ -32,15 +33,15 @@ def debug_study(study, real_runs: list[str]):
     smoke.study.bootstrap_resamples = 200
     smoke.data.shards = str(root / "shards")
     smoke.data.samples_per_shard = DEBUG_SHARD
-    smoke.train.overrides = [*study.train.overrides, *DEBUG_TRAINING, f"run.dir={root / 'runs'}"]
+    smoke.train.overrides = [*study.train.overrides, *DEBUG_TRAINING]
     smoke.embed.batch_size, smoke.embed.workers = 32, 1
-    return smoke, {str(Path(real)): str(root / "runs" / Path(real).name) for real in real_runs}
+    return smoke, [*train_sets, f"run.dir={root / 'runs'}"]
 
 
 def missing_weights(recipe: Recipe, skipped: dict[str, str]) -> str | None:
     """Why a training recipe cannot start on this machine, or None: published weights it needs and the local
     caches lack (never downloaded in a smoke run), or another run it starts from that was skipped or is missing."""
-    from imret.models import IMAGENET_URLS, PRETRAINED, TIMM_PREFIX, cached_timm_weights
+    from imret.models import IMAGENET_URLS, PRETRAINED, TIMM_PREFIX, cached_timm_weights, imagenet_cache_path
 
     model = recipe.model
     if model.init == "run":
@@ -57,11 +58,7 @@ def missing_weights(recipe: Recipe, skipped: dict[str, str]) -> str | None:
         except ImretError as exc:
             return str(exc).split(";")[0]
         return None
-    import os
-
-    import torch
-
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(IMAGENET_URLS.get(model.backbone, ""))
-    if not cached.is_file():
-        return f"it needs {model.backbone}'s ImageNet weights, which are not in {cached}"
-    return None
+    if model.backbone not in IMAGENET_URLS:
+        return None  # no published weights: the training stage says so in its own line
+    cached = imagenet_cache_path(model.backbone)
+    return None if cached.is_file() else f"it needs {model.backbone}'s ImageNet weights, which are not in {cached}"

@@ -104,9 +104,17 @@ def training_recipe(path: str, study: StudyRecipe, train_sets: Sequence[str] = (
     return load_recipe(path, [f"data.shards={study.data.shards}", *study.train.overrides, *train_sets])
 
 
+def moved_runs(study: StudyRecipe, train_sets: Sequence[str]) -> dict[str, str]:
+    """Each training recipe's run directory as the recipe alone names it -> where this study trains it (its overrides,
+    --train-set and --debug can move it). A recipe that starts from another's weights (model.init: run) and a row
+    naming a run directory follow that run there, rather than read an older run at the recipe's own path."""
+    return {str(load_recipe(path).run_dir): str(training_recipe(path, study, train_sets).run_dir)
+            for path in study.train.recipes}  # fmt: skip
+
+
 def resolve_run(entry: str, study: StudyRecipe, train_sets: Sequence[str] = (), runs: dict[str, str] | None = None) -> str:
-    """A recipe names its run directory; anything else is a run directory (a smoke run's twin of it, in `runs`) or
-    the ImageNet baseline."""
+    """A recipe names its run directory; anything else is a run directory (where the study moved it, in `runs`)
+    or the ImageNet baseline."""
     if entry.endswith((".yaml", ".yml")):
         return str(training_recipe(entry, study, train_sets).run_dir)
     return (runs or {}).get(str(Path(entry)), entry)
@@ -124,9 +132,9 @@ def run_study(study: StudyRecipe, debug: bool = False, train_sets: Sequence[str]
     from imret.smoke import DEBUG_IMAGES, debug_study, missing_weights
     from imret.train import train
 
-    runs: dict[str, str] = {}
     if debug:
-        study, runs = debug_study(study, [resolve_run(path, study, train_sets) for path in study.train.recipes])
+        study, train_sets = debug_study(study, train_sets)
+    runs = moved_runs(study, train_sets)
     out = Path(study.study.out)
     # a missing or CPU-only FAISS on a GPU machine, or one without kernels for its GPUs: said now, not after training
     gpu_count(study.study.faiss_device)
@@ -153,7 +161,7 @@ def run_study(study: StudyRecipe, debug: bool = False, train_sets: Sequence[str]
     models, unavailable = {}, {}
     for name, entry in study.compare.models.items():
         source = resolve_run(entry, study, train_sets, runs)
-        reason = imagenet_unavailable() if source == IMAGENET_BASELINE else skipped.get(str(Path(source)))
+        reason = imagenet_unavailable(download=not debug) if source == IMAGENET_BASELINE else skipped.get(str(Path(source)))
         if reason:
             unavailable[name] = reason
             log.warning("model %s left out: %s", name, reason)
@@ -205,9 +213,13 @@ def ensure_shards(study: StudyRecipe, limit: int | None = None) -> None:
                  seed=d.split_seed, samples_per_shard=d.samples_per_shard, max_side=d.max_side, limit=limit)  # fmt: skip
 
 
-def imagenet_unavailable() -> str | None:
-    from imret.models import imagenet_state_dict
+def imagenet_unavailable(download: bool = True) -> str | None:
+    """Why the untrained ImageNet row cannot be embedded, or None; a smoke run (download=False) looks in the cache only."""
+    from imret.models import imagenet_cache_path, imagenet_state_dict
 
+    if not download:
+        cached = imagenet_cache_path("resnet18")
+        return None if cached.is_file() else f"resnet18's ImageNet weights are not in {cached} (a smoke run never downloads)"
     try:
         imagenet_state_dict("resnet18")
     except ImretError as exc:

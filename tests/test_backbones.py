@@ -118,7 +118,7 @@ def test_pretrained_timm_weights_come_from_a_local_file_or_the_cache_and_nothing
 
 
 def test_an_unknown_timm_name_and_a_vit_under_a_unet_are_one_line_each(tmp_path, train_shards):
-    with pytest.raises(ImretError, match=r"timm has no model 'resnet10tt' \(did you mean resnet10t"):
+    with pytest.raises(ImretError, match=r"timm has no model 'resnet10tt' \(did you mean 'resnet10t'"):
         train(recipe(tmp_path, train_shards, "typo", ["model.backbone=timm:resnet10tt"]))
     with pytest.raises(ImretError, match=r"smp's U-Net cannot use timm:test_vit as its encoder"):
         train(recipe(tmp_path, train_shards, "unet", ["model.backbone=timm:test_vit", "task.name=segmentation"]))
@@ -146,39 +146,68 @@ def test_layer_decay_trunk_and_proxy_rates_are_groups_of_the_optimiser(tmp_path,
     assert counted == len(list(net.parameters()))  # every parameter in exactly one group
 
 
-def test_a_frozen_trunk_keeps_its_weights_and_statistics_while_the_head_trains(tmp_path, train_shards):
-    run = train(recipe(tmp_path, train_shards, "frozen", ["model.backbone=timm:resnet10t", "train.freeze_trunk_epochs=1",
-                                                          "train.max_epochs=2", "train.steps_per_epoch=2",
-                                                          "checkpoint.keep=3"]))  # fmt: skip
+@pytest.mark.parametrize("task, trunk_prefix, head_key", [("multilabel", "trunk.", "head.weight"),
+                                                       ("segmentation", "unet.encoder.", "unet.segmentation_head.0.weight")])  # fmt: skip
+def test_a_frozen_trunk_keeps_its_weights_and_statistics_while_the_head_trains(tmp_path, train_shards, task, trunk_prefix,
+                                                                             head_key):  # fmt: skip
+    model = ["model.backbone=timm:resnet10t", f"task.name={task}"]
+    run = train(recipe(tmp_path, train_shards, "frozen", model + ["train.freeze_trunk_epochs=1", "train.max_epochs=2",
+                                                                  "train.steps_per_epoch=2", "checkpoint.keep=3"]))  # fmt: skip
     first, second = sorted((run / "checkpoints").glob("step-*"))
-    start = train_start(tmp_path, train_shards)
+    start = train_start(tmp_path, train_shards, model)
     after_one = torch.load(first / "state.pt", weights_only=True)["model"]
     after_two = torch.load(second / "state.pt", weights_only=True)["model"]
-    trunk = [k for k in start if k.startswith("trunk.")]
-    assert all(torch.equal(start[k], after_one[k]) for k in trunk)  # weights and BatchNorm statistics alike
-    assert not torch.equal(start["head.weight"], after_one["head.weight"])
+    trunk = [k for k in start if k.startswith(trunk_prefix)]
+    assert trunk and all(torch.equal(start[k], after_one[k]) for k in trunk)  # weights and BatchNorm statistics alike
+    assert not torch.equal(start[head_key], after_one[head_key])
     assert not all(torch.equal(after_one[k], after_two[k]) for k in trunk)
 
 
-def train_start(tmp_path, shards):
+def train_start(tmp_path, shards, model):
     """The weights a run of that recipe starts from (seed + rank 0)."""
     from accelerate.utils import set_seed
 
     from imret.tasks import make_task
 
     set_seed(0)
-    start = recipe(tmp_path, shards, "start", ["model.backbone=timm:resnet10t"])
+    start = recipe(tmp_path, shards, "start", model)
     return make_task(start, [f"c{i}" for i in range(12)]).build_model().state_dict()
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, train_shards):
+@pytest.mark.parametrize("name", ["resnet10t", "convnext_atto"])  # ConvNeXt's feature pyramid renames its stages
+def test_a_timm_unet_encoder_starts_from_published_weights_and_from_a_classifier_run(tmp_path, name):
+    import re
+
+    import timm
+
+    from imret.models import SegmentationNet, initialise_encoder
+
+    full = timm.create_model(name, num_classes=0)
+    torch.save(full.state_dict(), tmp_path / "published.pth")
+    run = tmp_path / "classifier" / "model"
+    run.mkdir(parents=True)
+    (run / "meta.json").write_text(json.dumps({"backbone": f"timm:{name}", "task": "multilabel", "epoch": 3}))
+    torch.save({f"trunk.{k}": v for k, v in full.state_dict().items()}, run / "weights.pt")
+    for init, weights in (("pretrained", tmp_path / "published.pth"), ("run", run.parent)):
+        unet = SegmentationNet(f"timm:{name}").unet
+        initialise_encoder(unet, f"timm:{name}", init, str(weights))
+        encoder = unet.encoder.model.state_dict()
+        held = {re.sub(r"^([^.]+)_(\d+)\.", r"\1.\2.", k): v for k, v in encoder.items()}  # the full model's names
+        assert all(torch.equal(value, full.state_dict()[key]) for key, value in held.items()), init
+
+
+@pytest.mark.parametrize("backbone, task, checkpointed", [("timm:test_vit", "multilabel", lambda net: net.trunk),
+                                                          ("timm:resnet10t", "segmentation", lambda net: net.unet.encoder.model)])  # fmt: skip
+def test_gradient_checkpointing_is_on_and_gives_the_same_gradients(tmp_path, train_shards, backbone, task, checkpointed):
     from imret.tasks import make_task
 
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        r = recipe(tmp_path, train_shards, "gc", ["model.backbone=timm:test_vit", f"model.grad_checkpointing={checkpointing}"])
+        r = recipe(tmp_path, train_shards, "gc", [f"model.backbone={backbone}", f"task.name={task}",
+                                                  f"model.grad_checkpointing={checkpointing}"])  # fmt: skip
         net = make_task(r, [f"c{i}" for i in range(12)]).build_model()
+        assert checkpointed(net).grad_checkpointing == checkpointing
         net(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)

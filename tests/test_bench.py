@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from imret.bench import bench_embed, bench_faiss, bench_loader, format_result
+from imret.bench import bench_embed, bench_faiss, bench_loader, bench_train, format_result
 
 
 def test_loader_and_faiss_benchmarks_run():
@@ -16,6 +16,11 @@ def test_loader_and_faiss_benchmarks_run():
 def test_the_embedding_benchmark_compares_equal_work():
     result = bench_embed(images=80, size=64, workers=1)  # 96 px photos to 72: too close for reduced JPEG decoding
     assert result["images"] == 72 and result["max_abs_difference"] < 1e-4  # the baseline computes the same vectors
+
+
+def test_the_training_benchmark_runs_imret_and_the_plain_loop():
+    result = bench_train(images=256, size=32, workers=0)
+    assert result["imret_images_per_s"] > 0 and result["plain_images_per_s"] > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -81,13 +81,15 @@ def test_rejects_are_listed_with_reasons_and_the_rest_kept(tmp_path):
     rgb(64, 48).save(good, format="JPEG")
     data = good.getvalue()
     images = {"ok.jpg": data, "trunc.jpg": data[: len(data) // 2], "empty.jpg": b"", "junk.jpg": b"not an image",
-              "badmask.jpg": data, "unknown.jpg": data, "norow.jpg": data, "notes.txt": b"hello"}
+              "badmask.jpg": data, "unknown.jpg": data, "norow.jpg": data, "notes.txt": b"hello", "dirmask.jpg": data}
     labels = {n: ["shirt"] for n in images if n not in ("norow.jpg",)}
     labels["unknown.jpg"] = ["shirt", "cape"]
     labels["ghost.jpg"] = ["shirt"]
     masks = {Path(n).stem: np.ones((48, 64), np.uint8) for n in images}
     masks["badmask"] = np.ones((10, 10), np.uint8)
     src = folder(tmp_path / "src", images, labels, masks, classes=["shirt"])
+    (src / "masks" / "dirmask.png").unlink()
+    (src / "masks" / "dirmask.png").mkdir()  # an annotation that exists and cannot be read (EISDIR)
     manifest = build_shards(src, "folder", tmp_path / "out", workers=2)
     reasons = {r["source"]: r["reason"] for r in manifest["rejected"]}
     assert reasons["images/trunc.jpg"].startswith("cannot decode image")
@@ -98,10 +100,11 @@ def test_rejects_are_listed_with_reasons_and_the_rest_kept(tmp_path):
     assert reasons["images/norow.jpg"] == "no row in labels.csv"
     assert reasons["images/notes.txt"] == "unsupported extension '.txt'"
     assert reasons["labels.csv:ghost.jpg"] == "image file missing"
-    assert len(reasons) == 8
+    assert reasons["images/dirmask.jpg"].startswith("cannot read annotation") and "directory" in reasons["images/dirmask.jpg"]
+    assert len(reasons) == 9
     assert set(read_samples(tmp_path / "out")) == {"ok"}
 
-    with pytest.raises(DataError, match="--strict: 8 rejected"):
+    with pytest.raises(DataError, match="--strict: 9 rejected"):
         build_shards(src, "folder", tmp_path / "strict", workers=0, strict=True)
     assert not (tmp_path / "strict" / "manifest.json").exists()
 
@@ -227,11 +230,14 @@ def test_killed_build_leaves_no_manifest_and_is_rebuilt(tmp_path, synth_dir):
     out = tmp_path / "out"
     out.mkdir()
     (out / "train-000003.tar").write_bytes(b"partial")
-    (out / ".train-000004.tar.tmp").write_bytes(b"partial")
+    drafts = [".train-000004.tar.tmp", ".train-000005.tar.0123456789ab.tmp", "..train-000001.tar.done.json.4242.tmp",
+              ".manifest.json.4242.tmp"]  # a shard's, a done record's and the manifest's, as their writers name them
+    for draft in drafts:
+        (out / draft).write_bytes(b"partial")
     with pytest.raises(DataError, match="not a finished shard build"):
         load_manifest(out)
     build_shards(synth_dir, "folder", out, workers=0, samples_per_shard=100)
-    assert not (out / ".train-000004.tar.tmp").exists() and not (out / "train-000003.tar").exists()
+    assert not any((out / draft).exists() for draft in drafts) and not (out / "train-000003.tar").exists()
     assert verify_shards(out) == []
 
 

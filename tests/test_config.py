@@ -106,6 +106,8 @@ def test_out_of_range(tmp_path, text, expected):
         ("task:\n  name: triplet\nloss:\n  name: supcon\n  proxy_lr_scale: 10.0\n", "loss.proxy_lr_scale is not read"),
         ("optim:\n  layer_decay: 0.7\n", "optim.layer_decay: needs a timm backbone (model.backbone: timm:<name>)"),
         ("model:\n  grad_checkpointing: true\n", "model.grad_checkpointing: needs a timm backbone"),
+        ("task:\n  name: segmentation\nmodel:\n  backbone: timm:resnet10t\noptim:\n  layer_decay: 0.7\n",
+         "optim.layer_decay: the U-Net's timm encoder (a features_only model) has no layer groups"),
         ("train:\n  max_epochs: 2\n  freeze_trunk_epochs: 2\n", "train.freeze_trunk_epochs (2) must be below train.max_epochs"),
     ],
 )

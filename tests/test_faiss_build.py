@@ -102,19 +102,25 @@ def test_the_real_probe_child_reports_a_machine_without_gpu_faiss_in_one_line():
     assert verdict["error"].startswith("exited with status 1 (imret: error: --device gpu: no GPU is visible to FAISS")
 
 
-def test_the_verdict_is_cached_per_build_driver_and_kind(tmp_path, monkeypatch):
+def test_a_pass_is_cached_per_build_driver_and_kind_and_a_failure_is_probed_again(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(faiss_build, "_verdicts", {})
     key = faiss_build.probe_key("flat", 128)
     assert key == faiss_build.probe_key("flat", 64) != faiss_build.probe_key("ivfpq", 128)  # IVF-PQ's limits depend on d
-    faiss_build.remember(key, {"ok": False, "error": "was killed by SIGABRT"})
+    faiss_build.remember(key, {"ok": True, "kind": "flat"})
+    children = []
 
-    def no_child(command, timeout=0):
-        raise AssertionError("a cached verdict needs no child")
+    def child(command, timeout=0):
+        children.append(command)
+        return {"ok": False, "error": "was killed by SIGABRT"}
 
-    monkeypatch.setattr(faiss_build, "run_child", no_child)
-    assert faiss_build.probe_verdict("flat", 128) == {"ok": False, "error": "was killed by SIGABRT"}
+    monkeypatch.setattr(faiss_build, "run_child", child)
+    assert faiss_build.probe_verdict("flat", 128) == {"ok": True, "kind": "flat"} and children == []
     assert (tmp_path / "imret" / "faiss-gpu-probe.json").is_file()
+    for _ in range(2):  # two commands: the failure is not written down, so each one probes
+        monkeypatch.setattr(faiss_build, "_verdicts", {})
+        assert faiss_build.probe_verdict("ivfpq", 128) == {"ok": False, "error": "was killed by SIGABRT"}
+    assert len(children) == 2 and list(faiss_build.read_cache()) == [key]
 
 
 def test_a_cpu_machine_needs_no_probe():

@@ -120,14 +120,17 @@ def test_a_smoke_run_of_the_real_study_on_a_small_imaterialist_set(tmp_path, mon
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
 
+    downloads = []
+
     def offline(*args, **kwargs):
+        downloads.append(args)
         raise URLError("offline")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     imaterialist_set(tmp_path / "data" / "imaterialist")
     monkeypatch.chdir(tmp_path)
     assert main(["recipe", "copy", "all", "."]) == 0
-    assert main(["study", "recipes/study.yaml", "--debug", "--train-set", "data.workers=0",
+    assert main(["study", "recipes/study.yaml", "--debug", "--train-set", "data.workers=0", "--train-set", "run.dir=runs-b",
                  "--set", "study.queries=20"]) == 0  # fmt: skip
     out = tmp_path / "studies" / "imaterialist-debug"
     results = json.loads((out / "retrieval.json").read_text())
@@ -137,10 +140,13 @@ def test_a_smoke_run_of_the_real_study_on_a_small_imaterialist_set(tmp_path, mon
     assert "ImageNet weights" in results["unavailable"]["fine-tuned classifier"]
     assert "skipped" in results["unavailable"]["triplet from classifier"]  # it starts from the skipped classifier
     assert (out / "report.md").is_file() and (out / "shards" / "manifest.json").is_file()
-    assert not (tmp_path / "runs").exists() and not (tmp_path / "shards" / "imaterialist").exists()  # nothing real
+    assert not (tmp_path / "shards" / "imaterialist").exists()  # nothing real, even where --train-set moves the runs
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "runs-b").exists()
     config = (out / "runs" / "scratch" / "config.yaml").read_text()
     assert "image_size: 64" in config and "workers: 0" in config  # debug sizes, then --train-set
     assert "stage train: recipes/finetune.yaml skipped: it needs resnet18's ImageNet weights" in caplog.text
+    assert "a smoke run never downloads" in results["unavailable"]["ImageNet-pretrained, not trained"]
+    assert downloads == []  # not even tried
 
 
 def load_study_rows():
@@ -159,3 +165,16 @@ def test_set_replaces_a_list_in_flow_style_and_train_set_reaches_every_recipe(tm
     assert recipe.data.workers == 5 and recipe.optim.lr == 1e-3  # --train-set after train.overrides
     with pytest.raises(Exception, match="train.overrides: expected a list"):
         load_recipe(ROOT / "recipes" / "study.yaml", ["train.overrides=data.workers=2"], root=StudyRecipe)
+
+
+def test_a_run_moved_by_train_set_is_where_the_recipes_that_start_from_it_look(tmp_path, monkeypatch):
+    """--train-set run.dir=runs-b trains every model anew; triplet-from-classifier, whose recipe starts from
+    runs/finetune, must then start from runs-b/finetune, not from an older run at the recipe's own path."""
+    from imret.study import load_study, moved_runs, resolve_run
+
+    monkeypatch.chdir(ROOT)
+    study = load_study(ROOT / "recipes" / "study.yaml")
+    runs = moved_runs(study, ["run.dir=runs-b"])
+    assert runs["runs/finetune"] == "runs-b/finetune" and runs["runs/segment"] == "runs-b/segment"
+    assert resolve_run("runs/finetune", study, ["run.dir=runs-b"], runs) == "runs-b/finetune"  # a row naming the run
+    assert moved_runs(study, [])["runs/finetune"] == "runs/finetune"

@@ -5,6 +5,7 @@ in one line. The builds run as `imret` commands, the driver in its own process a
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -114,8 +115,10 @@ def test_a_killed_driver_is_resumed_by_a_rerun_that_builds_only_the_missing_shar
     for name, stamp in before.items():  # finished shards were kept, not rewritten
         assert (out / done_records(out)[name]["file"]).stat().st_mtime_ns == stamp
     assert shards_of(out) == shards_of(local_build) and not list(out.glob(".*.tmp"))
+    # the killed driver's last tasks may still finish a shard before the rerun lists the folder: kept, not rebuilt
+    kept = int(re.search(r": (\d+) of \d+ shards were finished by an earlier run and kept", result.stderr).group(1))
     built_now = result.stderr.count("INFO imret.data: shard ")
-    assert built_now == len(shards_of(local_build)) - len(before)
+    assert kept >= len(before) and built_now == len(shards_of(local_build)) - kept
 
 
 def test_a_bad_address_is_one_line(source, tmp_path):

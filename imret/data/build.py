@@ -53,7 +53,8 @@ ORIENTATION = {
 STORED_AS_IS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 OWN_FILES = re.compile(r"(train|val|test)-\d{6}\.tar")  # the shards imret writes into a location
 DONE = re.compile(r"\.((train|val|test)-\d{6}\.tar)\.done\.json")
-LEFTOVER = re.compile(r"\.((train|val|test)-\d{6}\.tar)(\.[0-9a-f]{12})?\.tmp|\.manifest\.json\.tmp")
+# drafts of a killed attempt: a shard's (local stage or upload), and storage.write_text's of a done record or the manifest
+LEFTOVER = re.compile(r"\.(train|val|test)-\d{6}\.tar(\.[0-9a-f]{12})?\.tmp|\.(\.(train|val|test)-\d{6}\.tar\.done\.json|manifest\.json)(\.\d+)?\.tmp")
 
 
 @dataclass
@@ -130,6 +131,10 @@ def encode_record(record: Record, class_index: dict[str, int], max_side: int | N
         names, mask = annotate(record.annotation, label_names)
     except (ValueError, OSError, KeyError, UnidentifiedImageError, storage.NotFound) as exc:
         return reject(f"cannot read annotation: {exc}")
+    except DataError as exc:  # as for the image: a local file that cannot be read is this sample's problem,
+        if storage.is_remote(record.image):  # a store that kept failing is the task's (it is retried)
+            raise
+        return reject(f"cannot read annotation: {str(exc).rsplit(': ', 1)[-1]}")
     unknown = sorted({name for name in names if name not in class_index})
     if unknown:
         return reject(f"unknown class {', '.join(repr(name) for name in unknown)}")
@@ -355,10 +360,14 @@ def build_shards(src: str | Path, fmt: str, out: str | Path, *, val_fraction: fl
     done: dict[str, dict[str, Any]] = {}
     bar = tqdm(total=sum(plan.counts.values()), desc=f"build {storage.Location(out).name}", unit="img", mininterval=1.0)
 
+    kept: list[str] = []  # shards an earlier run finished
+
     def record(shard: dict[str, Any], skipped: bool = False) -> None:
         done[shard["file"]] = shard
         bar.update(shard["samples"] + len(shard["rejected"]))
-        if not skipped:
+        if skipped:
+            kept.append(shard["file"])
+        else:
             log.info("shard %s: %d samples, %d rejected, on %s in %.1f s", shard["file"], shard["samples"],
                      len(shard["rejected"]), shard["node"], shard["seconds"])  # fmt: skip
 
@@ -383,6 +392,8 @@ def build_shards(src: str | Path, fmt: str, out: str | Path, *, val_fraction: fl
     if finished:
         log.info("%s: a finished build of these inputs: nothing to do", out)
         return load_manifest(out)
+    if kept:
+        log.info("%s: %d of %d shards were finished by an earlier run and kept", out, len(kept), len(done))
     log_nodes(done.values())
     return write_manifest(out, plan, done, settings, strict)
 

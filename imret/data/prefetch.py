@@ -34,9 +34,9 @@ class DevicePrefetcher:
         while ahead is not None:
             compute = torch.cuda.current_stream(self.device)
             compute.wait_stream(side)
-            for value in ahead.values():
-                if isinstance(value, torch.Tensor):
-                    value.record_stream(compute)  # allocated on the side stream, freed after the step's use
+            for value in ahead.values():  # what the side stream allocated is freed only after the step's use;
+                if isinstance(value, torch.Tensor) and value.is_cuda:  # tensors not copied stay on the host
+                    value.record_stream(compute)
             yield ahead
             ahead = self._stage(host, side)  # the step's kernels are queued: fetch and copy the next meanwhile
 

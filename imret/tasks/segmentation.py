@@ -27,6 +27,7 @@ class SegmentationTask(Task):
         self.embedding_dim = model.embedding_dim
         if m.backbone.startswith(TIMM_PREFIX):
             self.normalisation = timm_normalisation(m.backbone.removeprefix(TIMM_PREFIX))
+            model.unet.encoder.model.set_grad_checkpointing(m.grad_checkpointing)  # timm's features_only model
         return model
 
     def train_loss(self, model, images, masks, labels, epoch):

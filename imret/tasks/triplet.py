@@ -27,7 +27,7 @@ from torch import nn
 from imret.errors import ImretError
 from imret.losses import margin_at, triplet_loss
 from imret.metric_losses import (
-    PROXY_LOSSES, Proxies, gather_with_gradients, make_pair_loss, pair_loss, proxy_loss, tag_overlap_masks,
+    PROXY_LOSSES, Proxies, gather_labels, gather_with_gradients, make_pair_loss, pair_loss, proxy_loss, tag_overlap_masks,
 )  # fmt: skip
 from imret.metrics import label_iou
 from imret.models import RetrievalNet
@@ -81,9 +81,8 @@ class TripletTask(Task):
         embeddings, cosines = out if isinstance(out, tuple) else (out, None)
         if self.recipe.loss.gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # every rank computes the loss of the global batch; gradients flow back to the rank of each row
-            embeddings, gathered_labels = gather_with_gradients(embeddings.float(), labels)
-            cosines = gather_with_gradients(cosines, labels)[0] if cosines is not None else None
-            labels = gathered_labels
+            embeddings, labels = gather_with_gradients(embeddings.float()), gather_labels(labels)
+            cosines = gather_with_gradients(cosines) if cosines is not None else None
         margin = self.margin(epoch)
         value, stats, _ = self.objective(embeddings.float(), cosines, labels, margin)
         return value, {**stats, "margin": margin} if self.kind == "triplet" else stats
