@@ -13,6 +13,8 @@ ignored: `set_declared` sets only the fields the FAISS class declares.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -21,7 +23,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from imret.errors import ImretError
 
@@ -168,13 +170,29 @@ def probe_verdict(kind: str, dim: int) -> dict[str, Any]:
     compilation past the timeout), so the next command probes again."""
     key = probe_key(kind, dim)
     if key not in _verdicts:
-        cached = read_cache().get(key)
-        if cached is None:
-            cached = run_child([sys.executable, "-m", "imret.faiss_build", "probe", kind, str(dim)])
-            if cached["ok"]:
-                remember(key, cached)
+        with probing():  # the ranks of a machine start together: one probes, the others read its verdict
+            cached = read_cache().get(key)
+            if cached is None:
+                cached = run_child([sys.executable, "-m", "imret.faiss_build", "probe", kind, str(dim)])
+                if cached["ok"]:
+                    remember(key, cached)
         _verdicts[key] = cached
     return _verdicts[key]
+
+
+@contextlib.contextmanager
+def probing() -> Iterator[None]:
+    """This machine's lock on probing (an flock beside the cache); without a writable cache folder, no lock."""
+    path = cache_path().with_suffix(".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def run_child(command: list[str], timeout: float = PROBE_TIMEOUT_S) -> dict[str, Any]:

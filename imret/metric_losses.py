@@ -59,7 +59,8 @@ def mine(masks: tuple[torch.Tensor, torch.Tensor], similarity: torch.Tensor, los
 
 
 def pair_indices(positive: torch.Tensor, negative: torch.Tensor) -> Pairs:
-    """PML's pair format (anchors of positives, positives, anchors of negatives, negatives)."""
+    """PML's pair format (anchors of positives, positives, anchors of negatives, negatives). torch.where of a mask
+    is a nonzero: the step's one read of the device (the pair counts) that PML's index tuples make unavoidable."""
     a1, p = torch.where(positive)
     a2, n = torch.where(negative)
     return a1, p, a2, n
@@ -110,8 +111,10 @@ class Proxies(nn.Module):
         nn.init.kaiming_normal_(self.weight, mode="fan_out")
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """[B, classes]: each embedding's cosine to each tag's proxy (its closest sub-centre), in float32."""
-        cosines = F.normalize(embeddings.float(), dim=1) @ F.normalize(self.weight.float(), dim=1).T
+        """[B, classes]: each embedding's cosine to each tag's proxy (its closest sub-centre), in float32: under bf16
+        autocast the product would be rounded to ~0.004, a quarter of a logit at ArcFace's scale of 64."""
+        with torch.autocast(embeddings.device.type, enabled=False):
+            cosines = F.normalize(embeddings.float(), dim=1) @ F.normalize(self.weight.float(), dim=1).T
         return cosines.view(len(embeddings), self.classes, self.sub_centers).amax(2)
 
 

@@ -82,9 +82,25 @@ def build_index(embeddings: np.ndarray, kind: str = "flat", device: str = "auto"
         index = faiss.index_cpu_to_all_gpus(index, co=cloner_options(float16 or kind == "ivfpq"))
         if kind == "ivfpq":
             faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", min(nlist, 16))
-    for start in range(0, n, ADD_CHUNK):
-        index.add(np.ascontiguousarray(read_rows(embeddings, start, start + ADD_CHUNK), dtype=np.float32))
+    add_rows(index, embeddings)
     return index
+
+
+def add_rows(index: Any, embeddings: np.ndarray) -> None:
+    """Add the gallery ADD_CHUNK rows at a time. A flat index sharded over several GPUs is an IndexShards with
+    `successive_ids` (faiss/gpu/GpuCloner.cpp): it takes one add() only, splitting those rows evenly, and numbers
+    shard i's rows after shard i-1's. So each shard is filled with its own contiguous range, chunk by chunk, which
+    keeps the row numbers global and the gallery never copied whole."""
+    faiss = load_faiss()
+    n = len(embeddings)
+    sharded = isinstance(index, faiss.IndexShards) and index.successive_ids  # SWIG downcasts the cloner's result
+    shards = [index.at(i) for i in range(index.count())] if sharded else [index]
+    for i, shard in enumerate(shards):
+        stop = n * (i + 1) // len(shards)
+        for start in range(n * i // len(shards), stop, ADD_CHUNK):
+            shard.add(np.ascontiguousarray(read_rows(embeddings, start, min(start + ADD_CHUNK, stop)), dtype=np.float32))
+    if sharded:
+        index.syncWithSubIndexes()  # its ntotal, and so the offsets of each shard's row numbers
 
 
 def cloner_options(float16: bool) -> Any:
@@ -167,6 +183,8 @@ def save_index(index: Any, path: str | Path, sidecar: dict[str, Any]) -> None:
     path = Path(path)
     if on_gpus(index):
         index = faiss.index_gpu_to_cpu(index)
+        if sidecar.get("float16") and isinstance(index, faiss.IndexFlat):
+            index = half_precision(index)
     sidecar_path = path.with_name(f"{path.name}.json")
     sidecar_path.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -184,6 +202,16 @@ def save_index(index: Any, path: str | Path, sidecar: dict[str, Any]) -> None:
     meta = {**sidecar, "dim": int(index.d), "count": int(index.ntotal), "bytes": tmp.stat().st_size}
     os.replace(tmp, path)
     write_json_atomic(sidecar_path, meta)
+
+
+def half_precision(flat: Any) -> Any:
+    """A float16 flat index as the CPU build makes it (IndexScalarQuantizer QT_fp16): a GPU's float16 flat index comes
+    back from the GPU as float32 vectors, twice the file. Copied ADD_CHUNK rows at a time."""
+    faiss = load_faiss()
+    half = faiss.IndexScalarQuantizer(flat.d, faiss.ScalarQuantizer.QT_fp16)
+    for start in range(0, flat.ntotal, ADD_CHUNK):
+        half.add(flat.reconstruct_n(start, min(ADD_CHUNK, flat.ntotal - start)))
+    return half
 
 
 def on_gpus(index: Any) -> bool:

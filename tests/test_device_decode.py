@@ -114,3 +114,15 @@ def test_a_query_is_decoded_by_the_path_that_decoded_its_gallery(synth_shards):
     for decode in ("cpu", "gpu"):
         with pytest.raises(ImretError, match="not a readable image"):
             decode_query(data[: len(data) // 2], 30, decode)
+
+
+@pytest.mark.parametrize("mode, kept", [("RGB", True), ("L", True), ("CMYK", False)])
+def test_only_jpegs_that_nvjpeg_turns_into_rgb_stay_encoded(mode, kept):
+    from imret.data.shards import jpeg_bytes
+
+    buffer = io.BytesIO()
+    Image.new(mode, (16, 8)).save(buffer, format="JPEG")
+    assert (jpeg_bytes(buffer.getvalue()) is not None) == kept
+    png = io.BytesIO()
+    Image.new("RGB", (16, 8)).save(png, format="PNG")
+    assert jpeg_bytes(png.getvalue()) is None  # a PNG named .jpg

@@ -123,6 +123,39 @@ def test_a_pass_is_cached_per_build_driver_and_kind_and_a_failure_is_probed_agai
     assert len(children) == 2 and list(faiss_build.read_cache()) == [key]
 
 
+def test_the_ranks_of_a_machine_starting_together_probe_once(tmp_path, monkeypatch):
+    """Eight ranks of a torchrun start at once; without the lock each would start a probe on every GPU. Two threads
+    here (an flock is held per open file, so they exclude each other as processes do): while the first probes,
+    the second must wait, then read the first's verdict."""
+    import threading
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(faiss_build, "_verdicts", {})
+    calls, second_in_child = [], threading.Event()
+
+    def child(command, timeout=0):
+        calls.append(command)
+        if len(calls) == 2:
+            second_in_child.set()
+        second_in_child.wait(timeout=1.0)  # without the lock, the other thread gets here meanwhile
+        return {"ok": True, "kind": "flat"}
+
+    monkeypatch.setattr(faiss_build, "run_child", child)
+    start = threading.Barrier(2)
+    verdicts = []
+
+    def rank():
+        start.wait()
+        verdicts.append(faiss_build.probe_verdict("flat", 64))
+
+    threads = [threading.Thread(target=rank) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and verdicts == [{"ok": True, "kind": "flat"}] * 2
+
+
 def test_a_cpu_machine_needs_no_probe():
     assert faiss_build.gpu_count("auto") == 0 and faiss_build.gpu_count("cpu") == 0
 

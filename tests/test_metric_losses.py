@@ -106,3 +106,12 @@ def test_arcface_makes_each_tag_a_target_against_the_images_non_tags():
     image0 = (term(0.6, [0.1]) + term(0.5, [0.1])) / 2  # tag 1 is not a competitor of tag 0, nor 0 of 1
     image1 = term(0.7, [0.2, -0.4])
     assert float(arcface_loss(cosines, targets, margin_degrees=30.0, scale=s)) == pytest.approx((image0 + image1) / 2)
+
+
+def test_proxy_cosines_stay_float32_under_bf16_autocast():
+    """Training runs under bf16 autocast; at ArcFace's scale of 64 a bf16 cosine would be off by a quarter logit."""
+    proxies = Proxies(4, 8, sub_centers=2)
+    embeddings = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cosines = proxies(embeddings)
+    assert cosines.dtype == torch.float32 and torch.allclose(cosines, proxies(embeddings), atol=1e-6)

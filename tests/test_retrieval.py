@@ -296,3 +296,37 @@ def test_the_ordering_says_which_neighbours_a_test_tells_apart():
         "triplet (0.490) ≈ classifier (0.485) > random (0.160) > rotation (0.155).")
     results["comparisons"][2]["p_holm"] = 0.2
     assert ordering_sentence(results).endswith("> random (0.160) ≈ rotation (0.155).")
+
+
+def test_a_gallery_sharded_as_faiss_spreads_a_flat_index_over_gpus_keeps_global_row_numbers(monkeypatch):
+    """index_cpu_to_all_gpus makes a flat index on several GPUs an IndexShards with successive_ids, which refuses a
+    second add(); the same structure of CPU shards here, the gallery added several chunks a shard."""
+    import faiss
+
+    from imret import retrieval
+
+    monkeypatch.setattr(retrieval, "ADD_CHUNK", 100)
+    gallery = np.random.default_rng(0).standard_normal((1051, 16)).astype(np.float32)
+    queries = np.random.default_rng(1).standard_normal((40, 16)).astype(np.float32)
+    index = faiss.IndexShards(16, True, True)
+    for _ in range(3):
+        index.add_shard(faiss.IndexFlatL2(16))
+    retrieval.add_rows(index, gallery)
+    assert index.ntotal == 1051 and [index.at(i).ntotal for i in range(3)] == [350, 350, 351]
+    expected = np.argsort(((queries[:, None] - gallery[None]) ** 2).sum(-1), axis=1, kind="stable")[:, :5]
+    assert np.array_equal(index.search(queries, 5)[1], expected)
+
+
+def test_a_float16_flat_index_from_the_gpu_is_saved_as_the_cpu_builds_it(monkeypatch):
+    import faiss
+
+    from imret import retrieval
+
+    monkeypatch.setattr(retrieval, "ADD_CHUNK", 64)
+    gallery = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
+    flat = faiss.IndexFlatL2(16)
+    flat.add(gallery.astype(np.float16).astype(np.float32))  # what a GPU's float16 storage hands back
+    half = retrieval.half_precision(flat)
+    cpu = build_index(gallery, "flat", "cpu", float16=True)
+    assert isinstance(half, faiss.IndexScalarQuantizer) and half.ntotal == 300
+    assert np.array_equal(faiss.serialize_index(half), faiss.serialize_index(cpu))

@@ -62,8 +62,10 @@ def decode_mask(data: bytes, size: int) -> torch.Tensor:
 
 def jpeg_bytes(data: bytes) -> torch.Tensor | None:
     """The JPEG's bytes as a 1-d uint8 tensor for decoding on the device, or None when the data is not a JPEG
-    (a PNG stored as .jpg, say). Only the header is parsed: a damaged one is caught here, in the worker."""
-    if Image.open(io.BytesIO(data)).format != "JPEG":
+    (a PNG stored as .jpg, say) or is one nvJPEG does not turn into RGB (CMYK, YCCK: imret's shard build re-encodes
+    those, other writers may not). Only the header is parsed: a damaged one is caught here, in the worker."""
+    header = Image.open(io.BytesIO(data))
+    if header.format != "JPEG" or header.mode not in ("RGB", "L"):
         return None
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 

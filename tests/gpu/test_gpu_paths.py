@@ -146,6 +146,9 @@ def test_two_ranks_share_one_gpu_over_gloo(tmp_path, train_shards):
         "data.decode=gpu", "train.max_epochs=1", "train.steps_per_epoch=3"]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), str(ROOT / "tests"), str(ROOT),
                                                        os.environ.get("PYTHONPATH", "")]))  # fmt: skip
+    # accelerate gives DDP device_ids=[local rank], cuda:1 for rank 1 on a one-GPU machine where its model sits on
+    # cuda:0 (it picks the device as local rank modulo the GPUs); with this, DDP takes the module's own device
+    env["ACCELERATE_BYPASS_DEVICE_MAP"] = "true"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              str(Path(__file__).parent / "two_ranks_one_gpu.py"), str(path), str(tmp_path), *overrides],
                             env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
