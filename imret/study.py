@@ -22,7 +22,7 @@ from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 
-from imret.config import TrainConfig, bounds, load_recipe
+from imret.config import TrainConfig, bounds, load_recipe, parse_yaml, recipe_from_dict
 from imret.data import storage
 from imret.data.manifest import MANIFEST, load_manifest, write_json_atomic
 from imret.errors import ImretError
@@ -108,8 +108,13 @@ def moved_runs(study: StudyRecipe, train_sets: Sequence[str]) -> dict[str, str]:
     """Each training recipe's run directory as the recipe alone names it -> where this study trains it (its overrides,
     --train-set and --debug can move it). A recipe that starts from another's weights (model.init: run) and a row
     naming a run directory follow that run there, rather than read an older run at the recipe's own path."""
-    return {str(load_recipe(path).run_dir): str(training_recipe(path, study, train_sets).run_dir)
-            for path in study.train.recipes}  # fmt: skip
+    moved = {}
+    for path in study.train.recipes:
+        trained = training_recipe(path, study, train_sets)  # first: a broken recipe gets its one-line error here
+        # the file alone, without the consistency checks only the study's overrides may make it pass
+        own = recipe_from_dict(parse_yaml(Path(path).read_text(encoding="utf-8")))
+        moved[str(own.run_dir)] = str(trained.run_dir)
+    return moved
 
 
 def resolve_run(entry: str, study: StudyRecipe, train_sets: Sequence[str] = (), runs: dict[str, str] | None = None) -> str:

@@ -178,3 +178,7 @@ def test_a_run_moved_by_train_set_is_where_the_recipes_that_start_from_it_look(t
     assert runs["runs/finetune"] == "runs-b/finetune" and runs["runs/segment"] == "runs-b/segment"
     assert resolve_run("runs/finetune", study, ["run.dir=runs-b"], runs) == "runs-b/finetune"  # a row naming the run
     assert moved_runs(study, [])["runs/finetune"] == "runs/finetune"
+    # a recipe only the study's overrides make whole (model.init: run, its weights given there) is still followed
+    (tmp_path / "needs.yaml").write_text("run:\n  name: needs\nmodel:\n  init: run\n")
+    study.train.recipes, study.train.overrides = [str(tmp_path / "needs.yaml")], ["model.weights=runs/finetune"]
+    assert moved_runs(study, ["run.dir=runs-b"]) == {"runs/needs": "runs-b/needs"}
